@@ -18,7 +18,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from dicomgate.errors import ConfigError
-from dicomgate.peers import Peer, check_ae_title
+from dicomgate.peers import Peer, check_ae_title, one_of
 
 DEFAULT_AE_TITLE = "DICOMGATE"
 DEFAULT_PORT = 11112
@@ -41,12 +41,13 @@ class GatewaySettings:
 
     ae_title: str = attrs.field(default=DEFAULT_AE_TITLE, validator=_ae_title)
     host: str = "0.0.0.0"
+    #: 0 lets the system choose a free port (tests); the log says which.
     port: int = attrs.field(default=DEFAULT_PORT, validator=attrs.validators.and_(
-        attrs.validators.ge(1), attrs.validators.le(65535)))
+        attrs.validators.ge(0), attrs.validators.le(65535)))
     data_dir: Path = DEFAULT_DATA_DIR
     database: str = ""
     accept_unknown_peers: bool = False
-    log_level: str = attrs.field(default="INFO", validator=attrs.validators.in_(LOG_LEVELS))
+    log_level: str = attrs.field(default="INFO", validator=one_of(*LOG_LEVELS))
 
     @property
     def database_url(self) -> str:
@@ -249,9 +250,8 @@ class SettingsSchema:
     example: str = ""
 
 
-def bind_plugin_settings(
-    config: Config, schemas: Mapping[str, SettingsSchema], installed: set[str]
-) -> Config:
+def bind_plugin_settings(config: Config, schemas: Mapping[str, SettingsSchema],
+                         loaded: set[str], installed: set[str]) -> Config:
     """Check plugin sections against the loaded plugins' schemas.
 
     A section for an installed plugin that is not loaded (disabled or blocked) is
@@ -260,11 +260,10 @@ def bind_plugin_settings(
     problems: list[str] = []
     settings: dict[str, Any] = {}
     for name, section in config.plugin_sections.items():
-        if name not in schemas:
+        if name not in loaded:
             if name not in installed:
                 problems.append(f"{name}: unknown section (no plugin named {name!r} is installed)")
-            continue
-        if schemas[name].settings is None and section:
+        elif name not in schemas or schemas[name].settings is None:
             problems.append(f"{name}: plugin {name!r} takes no settings")
     for name, schema in schemas.items():
         if schema.settings is None:
@@ -288,7 +287,7 @@ def bind_plugin_settings(
             except ConfigError as exc:
                 problems += exc.problems
         for name in entry.plugin_sections:
-            if name not in schemas and name not in installed:
+            if name not in loaded and name not in installed:
                 problems.append(f"peers[{entry.index}].{name}: unknown key")
         entries.append(attrs.evolve(entry, peer=attrs.evolve(entry.peer, settings=peer_settings)))
     if problems:

@@ -35,7 +35,8 @@ def collect_settings(plugins: Plugins) -> dict[str, SettingsSchema]:
 
 def configure(config: Config, plugins: Plugins) -> Config:
     """``config`` with every plugin section checked against the loaded plugins."""
-    return bind_plugin_settings(config, collect_settings(plugins), set(plugins.installed))
+    return bind_plugin_settings(config, collect_settings(plugins), set(plugins.infos),
+                                set(plugins.installed))
 
 
 def collect_schemas(plugins: Plugins) -> list[db.Schema]:

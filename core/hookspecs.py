@@ -189,3 +189,16 @@ def procedure_step_changed(gateway: Gateway, step: Any, status: str, source: str
     ``step`` identifies the step as the worklist plugin records it; ``source`` says
     who changed it (``"mpps"``, ``"cli"``, ``"api"``). Notification.
     """
+
+
+# Lookups between plugins ---------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def instances_of_study(gateway: Gateway, study_uid: str) -> Sequence[Any] | None:
+    """The instances stored for the study ``study_uid``, as records of the storage plugin.
+
+    ``firstresult``: the plugin that keeps images answers (an empty list when it has
+    none of that study); ``None`` from every plugin means nothing stores images here.
+    MPPS completeness and JPEG export ask it without importing the storage plugin.
+    """

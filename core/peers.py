@@ -36,6 +36,14 @@ def _ae_title(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     check_ae_title(value)
 
 
+def one_of(*allowed: str):
+    """An attrs validator whose message lists the allowed values."""
+    def check(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+        if value not in allowed:
+            raise ValueError(f"{attribute.name} {value!r} is not one of {', '.join(allowed)}")
+    return check
+
+
 def _port(instance: Any, attribute: attrs.Attribute, value: int | None) -> None:
     if value is not None and not 0 < value < 65536:
         raise ValueError(f"{attribute.name} {value} is not a TCP port (1-65535)")
@@ -55,7 +63,7 @@ class Peer:
     ae_title: str = attrs.field(converter=str.strip, validator=_ae_title)
     host: str | None = None
     port: int | None = attrs.field(default=None, validator=_port)
-    kind: str = attrs.field(default="modality", validator=attrs.validators.in_(PEER_KINDS))
+    kind: str = attrs.field(default="modality", validator=one_of(*PEER_KINDS))
     description: str = ""
     allow: tuple[str, ...] = attrs.field(default=(ANY_SERVICE,), converter=tuple)
     settings: Mapping[str, Any] = attrs.field(factory=dict, eq=False)

@@ -116,11 +116,15 @@ class Server:
             return
         self._server.shutdown()
         deadline = time.monotonic() + self.gateway.config.limits.shutdown_grace
-        while self.ae.active_associations and time.monotonic() < deadline:
+        # Only established associations have work to finish; a connection still
+        # waiting for its A-ASSOCIATE-RQ is dropped at once.
+        while (any(assoc.is_established for assoc in self.ae.active_associations)
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         left = self.ae.active_associations
-        if left:
-            log.warning("aborting %d association(s) still running at shutdown", len(left))
+        busy = [assoc for assoc in left if assoc.is_established]
+        if busy:
+            log.warning("aborting %d association(s) still running at shutdown", len(busy))
         self.ae.shutdown()
         for association in left:
             association.join(timeout=5)
@@ -151,7 +155,8 @@ class Server:
 
     def _on_requested(self, event: Any) -> None:
         connection = self._connections[event.assoc]
-        calling = event.assoc.requestor.ae_title.strip()
+        # The requestor's ae_title is filled in only after EVT_REQUESTED; the primitive has it.
+        calling = event.assoc.requestor.primitive.calling_ae_title.strip()
         peers = self.gateway.peers
         if peers.identify(calling, connection.address) is None and not peers.accept_unknown:
             event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -95,6 +96,11 @@ class Service:
     transfer_syntaxes: tuple[str, ...] = attrs.field(
         default=UNCOMPRESSED_TRANSFER_SYNTAXES, converter=tuple
     )
+    #: C-STORE only: stream each received data set into a Part 10 file in this folder
+    #: instead of memory; the handler finds it at ``request.dataset_path``, may move it
+    #: (it must stay on the same filesystem), and whatever is left is removed after the
+    #: handler returns or when the association ends.
+    spool_dir: Path | None = None
 
 
 @attrs.frozen
@@ -136,6 +142,17 @@ class Request:
     def dataset(self) -> Dataset:
         """The decoded data set (C-STORE, N-CREATE, N-SET ...) or identifier (C-FIND ...)."""
         return getattr(self.event, _DATASET_OF.get(self.message, "dataset"))
+
+    @property
+    def dataset_path(self) -> Path | None:
+        """C-STORE to a service with ``spool_dir``: the received data set as a Part 10
+        file (zeroed preamble, file meta from the request), else ``None``."""
+        if self.message is not Dimse.C_STORE:
+            return None
+        try:
+            return Path(self.event.dataset_path)
+        except (AttributeError, TypeError):
+            return None
 
     def is_cancelled(self) -> bool:
         """True once the peer sent C-CANCEL for this C-FIND, C-GET or C-MOVE."""

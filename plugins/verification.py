@@ -9,7 +9,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicomgate import Dimse, Request, Service, hookimpl
-from dicomgate.cli import load_config, parse_destination
+from dicomgate.cli import config_option, load_config, parse_destination
 
 SUCCESS = 0x0000
 
@@ -26,13 +26,15 @@ def register_services(register):
 
 @click.command()
 @click.argument("destination")
+@config_option
 @click.option("--called-aet", default=None,
               help="Called AE title for a HOST:PORT destination [default: ANY-SCP].")
 @click.option("--timeout", type=float, default=10.0, show_default=True,
               help="Seconds to wait for the connection and the answer.")
 @click.option("--count", type=click.IntRange(1), default=1, show_default=True,
               help="C-ECHO requests to send on the association.")
-def echo(destination: str, called_aet: str | None, timeout: float, count: int) -> None:
+def echo(destination: str, config_file, called_aet: str | None, timeout: float,
+         count: int) -> None:
     """Send C-ECHO to DESTINATION: a configured peer's AE title, or HOST:PORT.
 
     Exits 0 when every echo succeeded, 1 when the peer could not be reached or
