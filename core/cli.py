@@ -134,10 +134,13 @@ def cli(ctx: click.Context, config_file: Path | None, block: tuple[str, ...],
 
 
 def _setup_logging(config: Config) -> None:
-    level = click.get_current_context().meta.get("dicomgate.log_level")
-    logging.basicConfig(
-        level=(level or config.gateway.log_level).upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    level = (click.get_current_context().meta.get("dicomgate.log_level")
+             or config.gateway.log_level).upper()
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if level != "DEBUG":
+        # pynetdicom logs every message at INFO; dicomgate logs what an integrator needs.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 @cli.command()

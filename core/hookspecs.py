@@ -191,6 +191,19 @@ def procedure_step_changed(gateway: Gateway, step: Any, status: str, source: str
     """
 
 
+@hookspec
+def adjust_worklist_answers(gateway: Gateway, association: AssociationInfo, query: Any,
+                            answers: list[Any]) -> None:
+    """Add, remove or rewrite the worklist items about to answer one query.
+
+    ``query`` is the Modality Worklist C-FIND identifier as the device sent it (a
+    pydicom Dataset); ``answers`` is the list of answer identifiers (Datasets with
+    text as Python strings, before the device's character set is applied), in the
+    order they will be sent. Change the list in place: site rules, device quirks.
+    Notification; a plugin that raises is logged and the others still run.
+    """
+
+
 # Lookups between plugins ---------------------------------------------------------------
 
 
