@@ -53,9 +53,10 @@ def failure_status(message: Dimse) -> int:
 class Dispatcher:
     """Routes pynetdicom's intervention events to the services' handlers."""
 
-    def __init__(self, gateway: Gateway, association_of: Callable[[Any], AssociationInfo | None]):
+    def __init__(self, gateway: Gateway,
+                 request_arrived: Callable[[Any], AssociationInfo | None]):
         self.gateway = gateway
-        self.association_of = association_of
+        self.request_arrived = request_arrived
         self.routes: dict[tuple[Dimse, str], Service] = {
             (message, sop_class): service
             for service in gateway.services
@@ -70,7 +71,7 @@ class Dispatcher:
             messages, key=lambda m: m.value)]
 
     def handle(self, event: Event, message: Dimse) -> Any:
-        association = self.association_of(event.assoc)
+        association = self.request_arrived(event.assoc)
         sop_class = str(event.context.abstract_syntax)
         service = self.routes.get((message, sop_class))
         if service is None or association is None:

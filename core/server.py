@@ -20,6 +20,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicomgate import tuning
 from dicomgate.dispatch import Dispatcher
+from dicomgate.errors import PluginError
 from dicomgate.gateway import Gateway
 from dicomgate.services import AssociationInfo
 
@@ -62,7 +63,7 @@ class Server:
         self._connections: dict[Any, _Connection] = {}
         self._lock = threading.Lock()
         self._numbers = itertools.count(1)
-        self.dispatcher = Dispatcher(gateway, self._association_of)
+        self.dispatcher = Dispatcher(gateway, self._request_arrived)
         self.ae = self._make_ae()
         self._server: Any = None
 
@@ -85,7 +86,23 @@ class Server:
         """The bound (host, port): the real port when the config asked for port 0."""
         return self._server.server_address[:2]
 
+    def _prepare_spool(self) -> None:
+        """Stream received data sets to the folder a C-STORE service asked for."""
+        folders = {service.spool_dir for service in self.gateway.services if service.spool_dir}
+        if len(folders) > 1:
+            raise PluginError("services ask for different spool folders: "
+                              + ", ".join(sorted(map(str, folders))))
+        folder = folders.pop() if folders else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for leftover in folder.glob(tuning.SPOOL_PREFIX + "*"):
+                log.warning("removing %s, left by a transfer cut off before a restart",
+                            leftover)
+                leftover.unlink(missing_ok=True)
+        tuning.spool_received_datasets(folder)
+
     def start(self) -> tuple[str, int]:
+        self._prepare_spool()
         gateway = self.gateway.config.gateway
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connect),
@@ -128,6 +145,7 @@ class Server:
         self.ae.shutdown()
         for association in left:
             association.join(timeout=5)
+        tuning.spool_received_datasets(None)
         self._server = None
         self.gateway.notify("gateway_stopping", gateway=self.gateway)
         log.info("%s stopped", self.gateway.ae_title)
@@ -184,7 +202,8 @@ class Server:
                  info.describe(), info.peer.kind if info.peer else "unknown peer", contexts)
         self.gateway.notify("association_accepted", gateway=self.gateway, association=info)
 
-    def _association_of(self, assoc: Any) -> AssociationInfo | None:
+    def _request_arrived(self, assoc: Any) -> AssociationInfo | None:
+        """Count a request of ``assoc`` and say which association it is."""
         connection = self._connections.get(assoc)
         if connection is None:
             return None
@@ -192,6 +211,7 @@ class Server:
         return connection.association
 
     def _on_finished(self, assoc: Any) -> None:
+        tuning.discard_partial_dataset(assoc)
         with self._lock:
             connection = self._connections.pop(assoc, None)
         if connection is None:

@@ -71,14 +71,17 @@ import queue
 import re
 import select
 import socket
+import tempfile
 import threading
 import time
 import types
 import weakref
+from pathlib import Path
 from typing import Any, Callable
 
 from pynetdicom import evt
 
+log = logging.getLogger("dicomgate.tuning")
 # The replacement loops log what the originals logged, under the same loggers
 _LOG_ASSOC = logging.getLogger("pynetdicom.association")
 _LOG_DUL = logging.getLogger("pynetdicom.dul")
@@ -560,6 +563,65 @@ def speed_up(assoc: Any) -> None:
     assoc.kill = _wrap_waking(assoc.kill, wake_assoc)
 
 
+# --------------------------------------------------------------------------------------
+# Received data sets streamed to disk
+
+#: Name prefix of the files pynetdicom streams received data sets into.
+SPOOL_PREFIX = "incoming-"
+_stock_temporary_file = tempfile.NamedTemporaryFile
+_spooling: dict[Any, str] = {}  # association -> the spool file it is writing or wrote last
+_spooling_lock = threading.Lock()
+
+
+def spool_received_datasets(folder: Path | None) -> None:
+    """Make pynetdicom stream every received C-STORE data set into a file in ``folder``
+    (on the filesystem where it will be kept, so that it can be renamed into place),
+    or back into memory when ``folder`` is None.
+
+    pynetdicom has this mode (``_config.STORE_RECV_CHUNKED_DATASET``) but creates the
+    files in the system's temporary folder; the module's ``NamedTemporaryFile`` is
+    replaced by one that writes into ``folder`` and remembers, per association, the
+    file being written, so that :func:`discard_partial_dataset` can remove what an
+    abort left behind. Both settings are process-wide: one gateway per process.
+    """
+    from pynetdicom import _config, dimse_messages
+
+    if folder is None:
+        _config.STORE_RECV_CHUNKED_DATASET = False
+        dimse_messages.NamedTemporaryFile = _stock_temporary_file
+        return
+
+    def spool_file(*args: Any, **kwargs: Any) -> Any:
+        handle = _stock_temporary_file(*args, dir=folder, prefix=SPOOL_PREFIX, **kwargs)
+        # Data sets are decoded in the association's DUL thread, which knows its
+        # association.
+        owner = getattr(threading.current_thread(), "assoc", None)
+        if owner is not None:
+            with _spooling_lock:
+                _spooling[owner] = handle.name
+        return handle
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = spool_file
+
+
+def discard_partial_dataset(assoc: Any) -> None:
+    """Remove the data set file ``assoc`` was receiving when it ended, if still there.
+
+    Call it once the association's thread is done: every complete data set has by
+    then been handled (moved away, or deleted by pynetdicom), so what remains under
+    the remembered name is a transfer that was cut off.
+    """
+    with _spooling_lock:
+        name = _spooling.pop(assoc, None)
+    if name is not None:
+        try:
+            os.unlink(name)
+            log.info("removed the partly received data set %s", name)
+        except FileNotFoundError:
+            pass
+
+
 def _version_tuple(text: str) -> tuple[int, int, int] | None:
     match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
     if not match:
@@ -683,6 +745,14 @@ def check_compatible() -> None:
         acse = getattr(assoc, "acse", None)
         if acse is not None:
             need_callable(acse, "ACSE", ["is_release_requested", "is_aborted", "send_release"])
+
+    # Streaming received data sets to files
+    from pynetdicom import _config, dimse_messages
+
+    if not hasattr(_config, "STORE_RECV_CHUNKED_DATASET"):
+        problems.append("pynetdicom._config.STORE_RECV_CHUNKED_DATASET is missing")
+    if getattr(dimse_messages, "NamedTemporaryFile", None) is None:
+        problems.append("pynetdicom.dimse_messages no longer uses NamedTemporaryFile")
 
     # AssociationSocket.__init__ sets _is_connected; check it without a real connection
     init_names = _code_names(getattr(transport.AssociationSocket, "__init__", None))
