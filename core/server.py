@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import attrs
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicomgate import tuning
@@ -68,6 +68,10 @@ class Server:
         self._server: Any = None
 
     def _make_ae(self) -> AE:
+        # pynetdicom's standard handlers describe every PDU and DIMSE message for its
+        # DEBUG log; that costs more than the message itself unless someone reads it.
+        debugging = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
+        _config.LOG_HANDLER_LEVEL = "standard" if debugging else "none"
         limits = self.gateway.config.limits
         ae = AE(ae_title=self.gateway.ae_title)
         ae.maximum_associations = limits.max_associations
