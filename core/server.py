@@ -142,12 +142,11 @@ class Server:
         while (any(assoc.is_established for assoc in self.ae.active_associations)
                and time.monotonic() < deadline):
             time.sleep(0.05)
-        left = self.ae.active_associations
-        busy = [assoc for assoc in left if assoc.is_established]
+        busy = [assoc for assoc in self.ae.active_associations if assoc.is_established]
         if busy:
             log.warning("aborting %d association(s) still running at shutdown", len(busy))
         self.ae.shutdown()
-        for association in left:
+        for association in busy:
             association.join(timeout=5)
         tuning.spool_received_datasets(None)
         self._server = None

@@ -57,6 +57,12 @@ replacement therefore overrides ``dul.run`` (the method ``Thread`` calls) as wel
 These are pynetdicom internals, so :func:`check_compatible` verifies them (and the
 pynetdicom version, :data:`TESTED_RANGE`) and the server calls it at start.
 
+Two socket options go with it: TCP_NODELAY, because every response is small and
+awaited, and TCP_QUICKACK before every read, because a sender that leaves Nagle's
+algorithm on (many devices do) otherwise waits for our delayed ACK before each small
+message: measured on loopback, 200 small images from DCMTK storescu without
+TCP_NODELAY took seconds instead of a fraction of one.
+
 Cost: one extra file descriptor per association (two where ``os.eventfd`` is missing).
 pynetdicom's own ``AssociationSocket.ready`` uses ``select.select``, which fails for
 descriptors numbered 1024 or more, so this lowers the number of simultaneous
@@ -85,6 +91,8 @@ log = logging.getLogger("dicomgate.tuning")
 # The replacement loops log what the originals logged, under the same loggers
 _LOG_ASSOC = logging.getLogger("pynetdicom.association")
 _LOG_DUL = logging.getLogger("pynetdicom.dul")
+
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 #: Longest the DUL thread blocks before re-checking its timers and kill flag (s).
 DUL_MAX_WAIT = 0.05
@@ -236,6 +244,7 @@ class _State:
         if self.poller is not None:
             self.poller.register(self.dul_waker.fileno(), select.POLLIN)
         self.polled_fd = -1  # the TCP socket's fd currently registered with poller
+        self.raw_socket: socket.socket | None = None  # for TCP_QUICKACK, where Linux has it
         self.dul_target: Callable[[], None] | None = None
 
 
@@ -305,6 +314,20 @@ def _unwatch_socket(state: _State) -> None:
     state.polled_fd = -1
 
 
+def _ack_at_once(state: _State) -> None:
+    """Ask Linux to acknowledge what we read next without delay (TCP_QUICKACK).
+
+    A sender with Nagle's algorithm on holds its next small segment until our ACK
+    arrives; a delayed ACK (up to 40 ms, or 200 ms elsewhere) then stalls every small
+    message. The flag does not stick, so it is set again before every read.
+    """
+    if state.raw_socket is not None:
+        try:
+            state.raw_socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        except OSError:  # closed, or not TCP: nothing to speed up
+            state.raw_socket = None
+
+
 def _dul_reactor(self: Any) -> None:
     """Replacement for ``DULServiceProvider.run_reactor`` (bound to one instance).
 
@@ -336,8 +359,10 @@ def _dul_reactor(self: Any) -> None:
                 # reads one PDU from the peer, never both
                 if self._process_recv_primitive():
                     pass
-                elif self._is_transport_event():
-                    self._idle_timer.restart()
+                else:
+                    _ack_at_once(state)
+                    if self._is_transport_event():
+                        self._idle_timer.restart()
             except Exception as exc:
                 _LOG_DUL.error("Exception in DUL.run(), aborting association")
                 _LOG_DUL.exception(exc)
@@ -534,6 +559,12 @@ def speed_up(assoc: Any) -> None:
 
     state = _State()
     setattr(assoc, _MARKER, state)
+    raw = getattr(dul.socket, "socket", None)
+    if isinstance(raw, socket.socket) and raw.family in (socket.AF_INET, socket.AF_INET6):
+        # Our responses are small and each one is awaited by the peer: never hold them.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if _TCP_QUICKACK is not None:
+            state.raw_socket = raw
     wake_dul = state.dul_waker.wake
     wake_assoc = state.assoc_wake.set
 
