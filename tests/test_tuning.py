@@ -256,6 +256,10 @@ def test_stores_and_echo_on_one_tuned_association(make_scp, associate):
 
     server_side = scp.associations[0]
     assert tuning.is_sped_up(server_side)
+    raw = server_side.dul.socket.socket
+    assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    if hasattr(socket, "TCP_QUICKACK"):  # re-armed before every read, so set right now
+        assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
     start = time.monotonic()
     assoc.release()
     wait_until(lambda: scp.active == 0, timeout=1.0)
