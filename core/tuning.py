@@ -163,9 +163,13 @@ class _FdWaker:
                 pass
 
     def drain(self) -> None:
-        # Clear the flag first: a wake() racing with this either sees the flag clear
-        # and writes again (a spurious wake-up later) or wrote before we read.
-        self._pending = False
+        # Read, then clear the flag, both under the lock that wake() writes under.
+        # Clearing first would lose a wake-up: a wake() between the clear and the read
+        # writes again, the read consumes both writes, and the flag stays set with
+        # nothing to read, so every later wake() is skipped and the reactor falls
+        # back to its 50 ms timeout. A wake() that finds the flag still set here
+        # needs no write: its item was queued before, and the reactor looks at the
+        # queues after draining.
         with self._lock:
             if self._closed:
                 return
@@ -177,6 +181,7 @@ class _FdWaker:
                         pass
             except OSError:  # BlockingIOError: nothing (more) to read
                 pass
+            self._pending = False
 
     def close(self) -> None:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -405,3 +406,32 @@ def test_idle_tuned_association_does_not_spin(make_scp):
         if client.poll() is None:
             client.kill()
             client.wait()
+
+
+def test_a_wake_up_that_overlaps_a_drain_is_never_lost():
+    """The reactor may only sleep on the wake-up fd if a pending wake-up is readable."""
+    waker = tuning._FdWaker()
+    waker.wake()
+
+    class WakeFirst:
+        """The waker's lock, but the first time it is taken another thread wakes first."""
+
+        def __init__(self, lock):
+            self.lock, self.armed = lock, True
+
+        def __enter__(self):
+            if self.armed:
+                self.armed = False
+                other = threading.Thread(target=waker.wake)
+                other.start()
+                other.join(5)
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    waker._lock = WakeFirst(waker._lock)
+    waker.drain()
+    readable = bool(select.select([waker.fileno()], [], [], 0)[0])
+    assert readable or not waker._pending, "a wake-up was swallowed: the reactor would stall"
+    waker.close()
