@@ -270,7 +270,8 @@ def status(config_file: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cli.main(args=argv, prog_name="dicomgate", standalone_mode=False)
+        # Without standalone mode, click returns ctx.exit(code)'s code instead of exiting.
+        code = cli.main(args=argv, prog_name="dicomgate", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)
@@ -285,6 +286,4 @@ def main(argv: list[str] | None = None) -> None:
         else:
             click.echo(f"dicomgate: error: {exc}", err=True)
         sys.exit(2)
-    except SystemExit:
-        raise
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -126,3 +126,22 @@ def test_echo_reaches_a_configured_peer_by_name(dicomgate_start, tmp_path):
     assert f"C-ECHO 1 to DICOMGATE at 127.0.0.1:{running.port}: success" in result.stdout
     unreachable = run_cli("echo", f"127.0.0.1:{free_port()}", env=ENV, cwd=tmp_path)
     assert unreachable.returncode == 1 and "C-ECHO to ANY-SCP" in unreachable.stderr
+
+
+def test_a_command_exit_code_reaches_the_shell(tmp_path):
+    import click
+
+    from dicomgate import cli as cli_module
+
+    @click.command(name="fail-with-3")
+    @click.pass_context
+    def fail(ctx):
+        ctx.exit(3)
+
+    cli_module.cli.add_command(fail)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli_module.main(["fail-with-3"])
+        assert exited.value.code == 3
+    finally:
+        cli_module.cli.commands.pop("fail-with-3")
