@@ -1,0 +1,49 @@
+"""The ``[storage]`` config section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+KEEP_FIRST = "keep-first"
+OVERWRITE = "overwrite"
+OVERWRITE_IF_DIFFERENT = "overwrite-if-different"
+DUPLICATE_POLICIES = (KEEP_FIRST, OVERWRITE, OVERWRITE_IF_DIFFERENT)
+
+
+@attrs.frozen
+class StorageSettings:
+    """Where received instances are kept and what happens to a second copy."""
+
+    #: Folder of the stored files; a relative path is inside ``gateway.data_dir``.
+    root: Path = Path("files")
+    #: What a second instance with an already stored SOP Instance UID does.
+    duplicates: str = attrs.field(default=KEEP_FIRST,
+                                  validator=attrs.validators.in_(DUPLICATE_POLICIES))
+    #: Free space (MiB) the storage filesystem keeps: below it C-STORE answers 0xA700.
+    reserve_mb: int = attrs.field(default=500, validator=attrs.validators.ge(0))
+    #: Flush every file, its folder and the index to disk before answering success.
+    #: ``false`` is for benchmarks only: a power cut can lose acknowledged images.
+    fsync: bool = True
+
+
+EXAMPLE = """\
+[storage]
+# Storage SCP: receives images from modalities, PACS and workstations, keeps each as
+# it arrived (DICOM Part 10 file) and indexes it by patient, study and series.
+# Folder of the stored files; a relative path is inside gateway.data_dir. Keep it on
+# one filesystem (temporary files live in its hidden sub-folders).
+root = "files"
+# A second instance with an already stored SOP Instance UID:
+#   "keep-first"             keep the stored one, answer success (default)
+#   "overwrite"              replace it (the old file stays until the new one is safe)
+#   "overwrite-if-different" replace it only when the data set differs
+duplicates = "keep-first"
+# Free space (MiB) to keep on the storage filesystem; below it senders get 0xA700
+# (out of resources) and can retry later.
+reserve_mb = 500
+# Flush each file and the index to disk before answering success. Setting false is
+# unsafe (acknowledged images can be lost in a power cut): for benchmarks only.
+fsync = true
+"""
