@@ -47,6 +47,10 @@ class GatewaySettings:
     data_dir: Path = DEFAULT_DATA_DIR
     database: str = ""
     accept_unknown_peers: bool = False
+    #: Acknowledge only what is on disk: files and database commits are flushed
+    #: (fsync, SQLite synchronous=FULL) before a success is answered. false trades
+    #: that for speed, losing the last seconds of work on a power cut: benchmarks only.
+    durable: bool = True
     log_level: str = attrs.field(default="INFO", validator=one_of(*LOG_LEVELS))
 
     @property

@@ -92,15 +92,21 @@ class SchemaOutdated(UsageError):
     pass
 
 
-def open_database(url: str) -> peewee.Database:
-    """A pooled database for ``url`` (``sqlite:///path`` or ``postgresql://...``)."""
+def open_database(url: str, durable: bool = True) -> peewee.Database:
+    """A pooled database for ``url`` (``sqlite:///path`` or ``postgresql://...``).
+
+    ``durable``: a commit returns once it is on disk. Otherwise SQLite flushes only at
+    WAL checkpoints and PostgreSQL commits asynchronously: a crash of the process loses
+    nothing, a power cut loses the last commits.
+    """
     parsed = urlparse(url)
     if url.startswith("sqlite:///"):
         # sqlite:///relative/path and sqlite:////absolute/path, as SQLAlchemy spells them.
         path = Path(url.removeprefix("sqlite:///"))
         path.parent.mkdir(parents=True, exist_ok=True)
+        pragmas = {**SQLITE_PRAGMAS, "synchronous": "full" if durable else "normal"}
         return PooledSqliteDatabase(
-            str(path), pragmas=SQLITE_PRAGMAS, max_connections=None, stale_timeout=None,
+            str(path), pragmas=pragmas, max_connections=None, stale_timeout=None,
             check_same_thread=False, timeout=30)
     if parsed.scheme in ("postgres", "postgresql"):
         try:
@@ -110,8 +116,10 @@ def open_database(url: str) -> peewee.Database:
                 "gateway.database: PostgreSQL needs the driver: pip install 'dicomgate[postgres]'"
             ) from None
         # db_url.parse keeps query parameters (sslmode, options ...) as connect arguments.
-        return PooledPostgresqlDatabase(max_connections=None, stale_timeout=300,
-                                        **parse_database_url(url))
+        options = parse_database_url(url)
+        if not durable:
+            options["options"] = (options.get("options", "") + " -csynchronous_commit=off").strip()
+        return PooledPostgresqlDatabase(max_connections=None, stale_timeout=300, **options)
     raise ConfigError(
         f"gateway.database: {url!r} is neither sqlite:///PATH nor postgresql://HOST/NAME")
 

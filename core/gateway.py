@@ -67,7 +67,7 @@ class Gateway:
         ``config`` must already be :func:`configure`-d.
         """
         config.gateway.data_dir.mkdir(parents=True, exist_ok=True)
-        database = db.open_database(config.gateway.database_url)
+        database = db.open_database(config.gateway.database_url, config.gateway.durable)
         db.bind(database)
         try:
             db.prepare(database, collect_schemas(plugins), upgrade=upgrade)

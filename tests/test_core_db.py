@@ -139,3 +139,16 @@ def test_the_gateway_serves_on_postgresql(dicomgate_start, postgres_database):
     assert isinstance(running.gateway.database, peewee.PostgresqlDatabase)
     assert echo_status(running.port) == 0x0000
     assert versions(running.gateway)["core"] == 1
+
+
+def test_a_gateway_that_need_not_be_durable_skips_sqlite_flushes(tmp_path):
+    config = build_config(tmp_path, 0, ["verification"])
+    config = config.with_overrides(durable=False)
+    plugins = Plugins()
+    plugins.load(config.plugins)
+    gateway = Gateway.open(configure(config, plugins), plugins)
+    try:
+        with gateway.database.connection_context():
+            assert gateway.database.execute_sql("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    finally:
+        gateway.close()
