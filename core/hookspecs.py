@@ -24,7 +24,7 @@ second plugin claiming the same SOP class fails at start instead of racing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -112,6 +112,31 @@ def register_adapters(register: Callable[[str, Any], None]) -> None:
     wildcards it refuses, how it reaches move destinations). Peers select one by name
     with ``adapter = "name"`` in their config. The adapter interface is defined by
     the Query/Retrieve issue; until then adapters are only listed.
+    """
+
+
+@hookspec
+def register_notifiers(register: Callable[[str, Any], None], gateway: Gateway) -> None:
+    """Offer a way to deliver events to the clinic's systems: call ``register(name, notifier)``.
+
+    Events (an order's status changed, a performed procedure step completed ...) are
+    written to the MPPS plugin's outbox in the transaction of the change, and a worker
+    hands each one to every notifier registered when it was written, in order per
+    order, until the notifier accepts it (``docs/plugins/mpps.md`` documents the
+    events). ``name`` (str, at most 64 characters) names the notifier in the outbox;
+    ``notifier`` has:
+
+    * ``deliver(event) -> None``: send one event; return when the receiver has it,
+      raise any exception when it does not (it is tried again later, with backoff).
+      ``event`` has ``id`` (the UUID that stays the same on every attempt: the
+      receiver's idempotency key), ``type``, ``stream``, ``sequence``, ``body`` (the
+      JSON, bytes, identical on every attempt), ``payload`` (the body decoded),
+      ``attempt`` (1 for the first) and ``created``;
+    * optionally ``cancel() -> None``: called from another thread at shutdown to cut a
+      ``deliver`` in progress short.
+
+    Called once per gateway, the first time an event is written or delivered; the
+    gateway's config is available as ``gateway.settings(plugin)``.
     """
 
 
@@ -214,4 +239,49 @@ def instances_of_study(gateway: Gateway, study_uid: str) -> Sequence[Any] | None
     ``firstresult``: the plugin that keeps images answers (an empty list when it has
     none of that study); ``None`` from every plugin means nothing stores images here.
     MPPS completeness and JPEG export ask it without importing the storage plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def find_scheduled_steps(gateway: Gateway, references: Sequence[Mapping[str, str]],
+                         station_ae: str) -> list[Any] | None:
+    """The scheduled procedure steps that a performed procedure step refers to.
+
+    ``references`` are items of an MPPS's Scheduled Step Attributes Sequence, each a
+    mapping with the keys ``study_uid``, ``accession``, ``requested_procedure_id`` and
+    ``scheduled_step_id`` (strings, stripped, ``""`` when the device sent none: an
+    unscheduled procedure); ``station_ae`` is the Performed Station AE Title (``""``
+    when unknown), for telling apart steps of one order on different devices.
+
+    ``firstresult``: the plugin that keeps orders (the worklist) answers with the
+    records of the matching steps, the same records ``procedure_step_changed`` hands
+    out (attributes ``pk``, ``step_id``, ``status``, ``accession``, ``procedure_id``,
+    ``study_uid``, ``patient_id``, ``patient_name``, ``modality``, ``station_ae``), an
+    empty list when none match; ``None`` from every plugin means nothing keeps orders
+    here. A look-up only: nothing is changed.
+    """
+
+
+# Requests to other plugins ---------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def change_step_status(gateway: Gateway, step: Any, status: str, source: str,
+                       performed: Mapping[str, Any]) -> Any | None:
+    """Ask the plugin that keeps orders to move a scheduled procedure step to ``status``.
+
+    ``step`` is a record ``find_scheduled_steps`` returned; ``status`` is a Scheduled
+    Procedure Step Status (``STARTED``, ``COMPLETED``, ``DISCONTINUED``); ``source``
+    says who asks (``"mpps"``); ``performed`` describes why (JSON-ready: the MPPS's
+    ``sop_instance_uid``, ``status``, ``performed_procedure_step_id``, ``station_ae``,
+    ``started``, ``ended``, ``images``).
+
+    ``firstresult``: the plugin that keeps the step answers with its record after the
+    request: changed, and ``procedure_step_changed`` notified; or unchanged when it
+    already has that status or has left the worklist for good (its own rules decide).
+    ``None`` from every plugin: nothing keeps orders here. Called inside the caller's
+    database transaction, on the same connection: the change commits with the
+    caller's work or not at all, so the implementation must not commit on its own
+    (nested ``atomic()`` blocks are savepoints) and must raise rather than swallow a
+    database error.
     """

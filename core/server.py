@@ -72,6 +72,8 @@ class Server:
         # DEBUG log; that costs more than the message itself unless someone reads it.
         debugging = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
         _config.LOG_HANDLER_LEVEL = "standard" if debugging else "none"
+        # Likewise every C-FIND identifier and answer, formatted even when not logged.
+        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = debugging
         limits = self.gateway.config.limits
         ae = AE(ae_title=self.gateway.ae_title)
         ae.maximum_associations = limits.max_associations
