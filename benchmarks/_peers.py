@@ -502,14 +502,15 @@ class Dicomgate(Receiver):
     label = "dicomgate"
     ae_title = "DICOMGATE"
 
-    def __init__(self, workdir: Path, *, fsync: bool | None = True, max_pdu: int = 262_144,
+    def __init__(self, workdir: Path, *, durable: bool | None = True, max_pdu: int = 262_144,
                  **kwargs):
         super().__init__(workdir, **kwargs)
-        self.fsync = fsync
+        #: ``[gateway] durable``; None leaves it out of the config (the default, true)
+        self.durable = durable
         self.pdu = max_pdu
-        if fsync is False:
+        if durable is False:
             self.name = "dicomgate-nofsync"
-            self.label = "dicomgate (fsync=false)"
+            self.label = "dicomgate (durable=false)"
             self.log_path = workdir / f"{self.name}.log"
 
     @property
@@ -528,6 +529,8 @@ class Dicomgate(Receiver):
             f"port = {self.port}",
             f'data_dir = "{self.data_dir}"',
             'log_level = "WARNING"',
+            *([f"durable = {'true' if self.durable else 'false'}"]
+              if self.durable is not None else []),
             "",
             "[limits]",
             f"max_pdu = {self.pdu}",
@@ -542,8 +545,6 @@ class Dicomgate(Receiver):
             'allow = ["*"]',
             "",
         ]
-        if self.fsync is not None:
-            lines += ["[storage]", f"fsync = {'true' if self.fsync else 'false'}", ""]
         return "\n".join(lines)
 
     def prepare(self) -> None:
@@ -579,16 +580,17 @@ class Dicomgate(Receiver):
         return "unlimited" if self.pdu == 0 else str(self.pdu)
 
     def durability(self) -> Durability:
-        if self.fsync is False:
+        if self.durable is False:
             return Durability(
-                "no fsync ([storage] fsync=false)",
-                "configured with [storage] fsync = false, the like-for-like setting for "
-                "comparing with storescp; not a setting for a clinic.")
+                "no fsync ([gateway] durable=false)",
+                "configured with [gateway] durable = false, the like-for-like setting for "
+                "comparing with storescp: no flush of files or folders, SQLite commits with "
+                "synchronous=NORMAL; not a setting for a clinic.")
         return Durability(
-            "fsync ([storage] fsync=true)",
-            "configured with [storage] fsync = true: the stored file and the index commit "
-            "(SQLite WAL, synchronous=FULL) are meant to be on disk before the C-STORE "
-            "is answered.")
+            "fsync ([gateway] durable=true)",
+            "configured with [gateway] durable = true: the stored file, its folder and the "
+            "index commit (SQLite WAL, synchronous=FULL) are meant to be on disk before the "
+            "C-STORE is answered.")
 
 
 def instance_tables(db_path: Path) -> list[tuple[str, int]]:

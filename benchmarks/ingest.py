@@ -102,9 +102,9 @@ def make_receiver(name: str, workdir: Path, args, strace_out: Path | None = None
     if name == "orthanc":
         return Orthanc(workdir, pdu=args.peer_max_pdu, **common)
     if name == "dicomgate":
-        return Dicomgate(workdir, fsync=True, max_pdu=args.dicomgate_max_pdu, **common)
+        return Dicomgate(workdir, durable=True, max_pdu=args.dicomgate_max_pdu, **common)
     if name == "dicomgate-nofsync":
-        return Dicomgate(workdir, fsync=False, max_pdu=args.dicomgate_max_pdu, **common)
+        return Dicomgate(workdir, durable=False, max_pdu=args.dicomgate_max_pdu, **common)
     raise ValueError(name)
 
 
@@ -311,9 +311,9 @@ def print_notes(rows: list[Row], args, durability: dict, huge: dict | None, out=
                        "another, and its peak memory is that of the one process"),
         "orthanc": f"Orthanc, SQLite index, StorageCompression false, no plugins, max PDU "
                    f"{pdus.get('orthanc', '?')}; peak memory is the Orthanc process's",
-        "dicomgate": f"dicomgate serve, plugins verification+storage, [storage] fsync=true, "
+        "dicomgate": f"dicomgate serve, plugins verification+storage, [gateway] durable=true, "
                      f"max PDU {pdus.get('dicomgate', '?')}; peak memory is the serve process's",
-        "dicomgate-nofsync": "dicomgate serve as above with [storage] fsync=false",
+        "dicomgate-nofsync": "dicomgate serve as above with [gateway] durable=false",
     }
     for name in RECEIVERS:
         if name in pdus:

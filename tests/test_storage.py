@@ -393,17 +393,24 @@ def test_disk_full_while_writing(dicomgate_start: Any, monkeypatch: pytest.Monke
     gw = start(dicomgate_start)
     ok = image()
     assert send(gw, [ok]) == [0x0000]
-    real_write, real_fsync = os.write, os.fsync
     full = threading.Event()
 
     def no_space(*args: Any) -> Any:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "write", lambda *a: no_space() if full.is_set() else real_write(*a))
-    monkeypatch.setattr(os, "fsync", lambda *a: no_space() if full.is_set() else real_fsync(*a))
+    for name in ("write", "fsync", "fdatasync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, real=real: no_space() if full.is_set()
+                            else real(*a))
     full.set()
     assert send(gw, [image()]) == [0xA700]
     full.clear()
+    # A folder flush that fails after the file was linked: the link goes too
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda *a: no_space())
+    assert send(gw, [image()]) == [0xA700]
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert stored_files(gw) and len(stored_files(gw)) == len(rows(gw, Instance)) == 1
     assert send(gw, [image()]) == [0x0000]
     assert len(rows(gw, Instance)) == 2  # what was stored before is still there
     assert working_files(gw) == []
@@ -811,8 +818,41 @@ def test_config_example_and_defaults() -> None:
     from dicomgate.plugins.storage.settings import StorageSettings
 
     settings = StorageSettings()
-    assert (settings.root, settings.duplicates, settings.reserve_mb, settings.fsync) == (
-        Path("files"), "keep-first", 500, True)
+    assert (settings.root, settings.duplicates, settings.reserve_mb) == (
+        Path("files"), "keep-first", 500)
+    # Flushing is the gateway's [gateway] durable, not a storage setting
+    assert "fsync" not in result.output.partition("[storage]")[2]
+    assert not hasattr(settings, "fsync")
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_decides_the_flushes(dicomgate_start: Any, monkeypatch: pytest.MonkeyPatch,
+                                     tmp_path: Path, durable: bool) -> None:
+    """[gateway] durable = true flushes the file's data and its folder before the
+    commit; false flushes neither (and the core relaxes the database's commits)."""
+    from dicomgate.plugins.storage.store import store_for
+    from dicomgate.testing import free_port
+
+    # dicomgate_start has no option for [gateway] keys: give the whole section
+    port, data_dir = free_port(), tmp_path / "data"
+    gateway = {"ae_title": "DICOMGATE", "host": "127.0.0.1", "port": port,
+               "data_dir": str(data_dir), "accept_unknown_peers": True, "durable": durable}
+    gw = dicomgate_start(plugins=PLUGINS, port=port, data_dir=data_dir,
+                         settings={"gateway": gateway, "storage": {"reserve_mb": 0}})
+    assert store_for(gw.gateway).durable is durable
+    flushed: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def spy(fd: int, real: Any = real, name: str = name) -> None:
+            flushed.append(name + (":dir" if os.path.isdir(f"/proc/self/fd/{fd}") else ":file"))
+            real(fd)
+
+        monkeypatch.setattr(os, name, spy)
+    assert send(gw, [image()]) == [0x0000]
+    expected = ["fdatasync:file", "fsync:dir"] if durable else []
+    assert [f for f in flushed if f in ("fdatasync:file", "fsync:dir")] == expected
+    assert_consistent(gw)
 
 
 # Reading headers -----------------------------------------------------------------------
@@ -856,18 +896,175 @@ def test_header_reader_walks_sequences(syntax: str) -> None:
     assert (header.study_date, header.instance_number, header.frames) == ("20240305", 1, 1)
 
 
+SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
+            "1.2.840.10008.1.2.1.99")
+
+
+def _ending_in_a_sequence() -> Dataset:
+    """An image without pixels whose last element is a sequence of undefined length
+    with items of undefined length."""
+    ds = _nested(image())
+    del ds.PixelData
+    moved = copy.deepcopy(ds["ReferencedImageSequence"])
+    del ds.ReferencedImageSequence
+    content = DataElement(0x0040A730, "SQ", moved.value)  # the last element
+    content.is_undefined_length = True
+    ds.add(content)
+    return ds
+
+
 @pytest.mark.parametrize("cut", [2, 9, 40, 120])
 def test_header_reader_refuses_truncated_data(cut: int) -> None:
     from dicomgate.plugins.storage.header import Malformed, read_header, read_meta
 
-    for syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"):
-        ds = _nested(image())
-        del ds.PixelData
-        moved = copy.deepcopy(ds["ReferencedImageSequence"])
-        del ds.ReferencedImageSequence
-        content = DataElement(0x0040A730, "SQ", moved.value)  # the last element
-        content.is_undefined_length = True
-        ds.add(content)
-        data = _part10_bytes(ds, syntax)
+    for syntax in SYNTAXES:
+        data = _part10_bytes(_ending_in_a_sequence(), syntax)
+        read_header(data, read_meta(data))  # whole, it is fine
         with pytest.raises(Malformed):
             read_header(data[:-cut], read_meta(data))
+
+
+def _last_element_at(ds: Dataset, syntax: str, tag: int) -> tuple[bytes, int]:
+    """The Part 10 bytes of ``ds`` and the offset where its element ``tag`` starts."""
+    data = _part10_bytes(ds, syntax)
+    without = copy.deepcopy(ds)
+    del without[tag]
+    return data, len(_part10_bytes(without, syntax))
+
+
+def _encapsulated(ds: Dataset) -> Dataset:
+    """``ds`` with JPEG-like encapsulated Pixel Data of two fragments, the second
+    holding the bytes of a Sequence Delimitation Item (as pydicom's
+    JPEG2000-embedded-sequence-delimiter.dcm does)."""
+    from pydicom.encaps import encapsulate
+
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    frame = b"\xff\xd8" + bytes(range(200)) + b"\xfe\xff\xdd\xe0\0\0\0\0" + b"\x01" * 60 + b"\xff\xd9"
+    ds.PixelData = encapsulate([frame], fragments_per_frame=2)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES[:3])
+def test_header_reader_refuses_every_cut_of_the_last_element(syntax: str) -> None:
+    """A file cut anywhere inside its last element (a sequence of undefined length,
+    defined-length pixel data) is refused, whichever byte the cut falls on."""
+    from dicomgate.plugins.storage.header import Malformed, read_header, read_meta
+
+    cases = [_last_element_at(_ending_in_a_sequence(), syntax, 0x0040A730),
+             _last_element_at(image(size=8), syntax, 0x7FE00010)]
+    for data, start in cases:
+        meta = read_meta(data)
+        read_header(data, meta)
+        read_header(data[:start], meta)  # cut between elements: a shorter data set
+        for cut in range(start + 1, len(data)):
+            if not any(data[start:cut]):
+                continue  # nothing but zeros after the last element: padding
+            with pytest.raises(Malformed):
+                read_header(data[:cut], meta)
+
+
+def test_header_reader_refuses_every_cut_of_encapsulated_pixel_data() -> None:
+    from dicomgate.plugins.storage.header import Malformed, read_header, read_meta
+
+    ds = _encapsulated(image())
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    meta = read_meta(data)
+    assert read_header(data, meta).frames == 1
+    start = data.index(b"\xe0\x7f\x10\x00OB")
+    for cut in range(start + 1, len(data)):
+        with pytest.raises(Malformed):
+            read_header(data[:cut], meta)
+
+
+def test_header_reader_refuses_stray_bytes_and_delimiters() -> None:
+    from dicomgate.plugins.storage.header import Malformed, read_header, read_meta
+
+    data = _part10_bytes(image())
+    meta = read_meta(data)
+    read_header(data + b"\0" * 5, meta)  # zero padding after the last element
+    for tail in (b"\x08", b"\x10\x00\x10",  # a cut element header
+                 b"\xfe\xff\x0d\xe0\0\0\0\0",  # item delimiter at the top level
+                 b"\xfe\xff\xdd\xe0\0\0\0\0\x08\x00\x05\x00CS\x02\x00AB"):
+        with pytest.raises(Malformed):
+            read_header(data + tail, meta)
+
+
+def test_dataset_offset_does_not_trust_the_group_length(tmp_path: Path) -> None:
+    from dicomgate.plugins.storage.header import read_meta
+    from dicomgate.plugins.storage.store import dataset_offset
+
+    ds = image()
+    meta = encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    wrong = meta[:140] + struct.pack("<I", struct.unpack_from("<I", meta, 140)[0] + 8) + meta[144:]
+    path = tmp_path / "wrong-group-length.dcm"
+    path.write_bytes(wrong + _encoded(ds))
+    assert read_meta(path.read_bytes()).dataset_offset == len(meta) == dataset_offset(path)
+
+
+def test_large_values_are_skipped_not_read(tmp_path: Path) -> None:
+    """A large instance costs no more memory than a small one: Pixel Data and large
+    values inside sequences are skipped, the file is hashed in blocks."""
+    import tracemalloc
+
+    from dicomgate.plugins.storage.header import Malformed
+    from dicomgate.plugins.storage.store import inspect_file
+
+    ds = image(size=16)
+    ds.PixelData = bytes(24 << 20)
+    ds.Rows = ds.Columns = 4096
+    ds.BitsAllocated = 16
+    waveform = Dataset()
+    waveform.WaveformBitsAllocated = 16
+    waveform.WaveformData = bytes(8 << 20)  # inside a sequence item
+    ds.WaveformSequence = [waveform]
+    ds["WaveformSequence"].is_undefined_length = True
+    waveform.is_undefined_length_sequence_item = True
+    path = part10(ds, tmp_path, "large.dcm")
+    tracemalloc.start()
+    try:
+        info = inspect_file(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.header.sop_instance_uid == ds.SOPInstanceUID and info.size > 32 << 20
+    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert peak < 2 << 20, f"{peak} bytes allocated to read a {info.size}-byte file"
+    data = path.read_bytes()
+    path.write_bytes(data[:-1000])
+    with pytest.raises(Malformed):
+        inspect_file(path)
+    # a value in an item that claims to run far past the end of a large file
+    at = data.index(b"\x00\x54\x10\x10OW")
+    path.write_bytes(data[:at + 8] + struct.pack("<I", 0xFFFFFFF0) + data[at + 12:])
+    with pytest.raises(Malformed):
+        inspect_file(path)
+
+
+def test_large_deflated_data_set_is_inflated_in_blocks(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from dicomgate.plugins.storage.header import INFLATE_IN_MEMORY, Malformed
+    from dicomgate.plugins.storage.store import inspect_file
+
+    ds = image(size=16)
+    ds.PixelData = bytes(3 * INFLATE_IN_MEMORY)  # inflates past what stays in memory
+    ds.Rows = ds.Columns = 2048
+    ds.BitsAllocated = 16
+    path = tmp_path / "deflated.dcm"
+    path.write_bytes(_part10_bytes(ds, "1.2.840.10008.1.2.1.99"))
+    tracemalloc.start()
+    try:
+        info = inspect_file(path, scratch_dir=str(tmp_path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.header.sop_instance_uid == ds.SOPInstanceUID
+    assert info.size < INFLATE_IN_MEMORY and peak < INFLATE_IN_MEMORY + (4 << 20)
+    assert not list(tmp_path.glob("tmp*"))  # the inflated copy is gone
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(Malformed):
+        inspect_file(path, scratch_dir=str(tmp_path))

@@ -56,3 +56,8 @@ def association_closed(gateway, association, outcome):
 @hookimpl
 def register_commands(cli):
     commands.add_commands(cli)
+
+
+@hookimpl
+def instances_of_study(gateway, study_uid):
+    return store_for(gateway).instances_of_study(study_uid)

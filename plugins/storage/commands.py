@@ -162,16 +162,16 @@ def import_file(store: Store, path: Path, session: Session) -> tuple[str, str]:
     outcome one of stored, replaced, duplicate, rejected, skipped."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(64 * 1024)
-        size = path.stat().st_size
+            head = fh.read(132)
+            size = os.fstat(fh.fileno()).st_size
+            if len(head) < 132 or head[128:132] != b"DICM":
+                return "skipped", "not a DICOM file"
+            try:
+                meta = read_meta(fh)
+            except Malformed as exc:
+                return "rejected", str(exc)
     except OSError as exc:
         return "skipped", f"cannot read: {exc.strerror or exc}"
-    if len(head) < 132 or head[128:132] != b"DICM":
-        return "skipped", "not a DICOM file"
-    try:
-        meta = read_meta(head)
-    except Malformed as exc:
-        return "rejected", str(exc)
     if meta.sop_class_uid not in _STORAGE_CLASSES:
         return "skipped", f"not a storage SOP class ({meta.sop_class_uid or 'none'})"
     file_meta = encode_file_meta(meta.sop_class_uid, meta.sop_instance_uid,

@@ -23,9 +23,8 @@ class StorageSettings:
                                   validator=attrs.validators.in_(DUPLICATE_POLICIES))
     #: Free space (MiB) the storage filesystem keeps: below it C-STORE answers 0xA700.
     reserve_mb: int = attrs.field(default=500, validator=attrs.validators.ge(0))
-    #: Flush every file, its folder and the index to disk before answering success.
-    #: ``false`` is for benchmarks only: a power cut can lose acknowledged images.
-    fsync: bool = True
+    # Flushing files, folders and the index to disk before answering success is the
+    # gateway-wide [gateway] durable setting, not one of this section's.
 
 
 EXAMPLE = """\
@@ -43,7 +42,6 @@ duplicates = "keep-first"
 # Free space (MiB) to keep on the storage filesystem; below it senders get 0xA700
 # (out of resources) and can retry later.
 reserve_mb = 500
-# Flush each file and the index to disk before answering success. Setting false is
-# unsafe (acknowledged images can be lost in a power cut): for benchmarks only.
-fsync = true
+# Each file, its folder and the index are flushed to disk before success is
+# answered, unless [gateway] durable = false (benchmarks only).
 """

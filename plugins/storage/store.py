@@ -3,16 +3,23 @@
 One received instance goes through :meth:`Store.ingest`, whatever brought it (C-STORE,
 ``dicomgate import``, ``dicomgate verify --repair``):
 
-1. the Part 10 file (a spool or temporary file inside the storage root) is read once:
-   hashed, its structure checked and its indexed attributes decoded;
-2. it is flushed to disk (fsync) and hard-linked as ``ab/ab…(64 hex digits).dcm``,
-   the SHA-256 of its SOP Instance UID, never a name from received text; a link
-   never replaces an existing file, so a name already taken (a duplicate in flight,
-   a leftover) gets a random suffix; then the folder is flushed;
-3. the index rows are written in one database transaction;
+1. the Part 10 file (a spool or temporary file inside the storage root) is opened
+   once: hashed, its structure checked and its indexed attributes decoded (a large
+   file is hashed in blocks and its large values are skipped, never read or mapped
+   whole, so memory stays flat whatever the size);
+2. through the same open file its data is flushed to disk, then it is hard-linked as
+   ``ab/ab…(64 hex digits).dcm``, the SHA-256 of its SOP Instance UID, never a name
+   from received text; a link never replaces an existing file, so a name already
+   taken (a duplicate in flight, a leftover) gets a random suffix; then the folder
+   is flushed;
+3. the index rows are written in one database transaction, whose commit is flushed;
 4. only then is success answered. If the transaction fails the new file is removed,
-   so there is never a file without a row or a row without a file (a crash between 2
-   and 3 leaves an unindexed file, which ``dicomgate verify --repair`` indexes).
+   so there is never a row without a file (a crash between 2 and 3 leaves an
+   unindexed file, which ``dicomgate verify --repair`` indexes).
+
+The flushes of step 2 and 3 are made only with ``[gateway] durable = true`` (the
+default), and run one after the other; see :meth:`Store._ingest` for why none of
+them may overlap.
 
 A replaced duplicate's old file is removed after the transaction committed.
 """
@@ -21,8 +28,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import logging
-import mmap
 import os
 import secrets
 import threading
@@ -37,7 +44,7 @@ import attrs
 import peewee
 from pydicom.dataset import Dataset
 
-from dicomgate.plugins.storage.header import FileMeta, Header, Malformed, read_header, read_meta
+from dicomgate.plugins.storage.header import FileMeta, Header, Malformed, read_file, read_meta
 from dicomgate.plugins.storage.models import UID_LENGTH, Instance, Patient, Series, Study
 from dicomgate.plugins.storage.settings import (
     KEEP_FIRST,
@@ -63,7 +70,8 @@ CANNOT_UNDERSTAND = 0xC000
 #: Error: cannot understand: an identifying attribute is missing or invalid.
 MISSING_IDENTIFIER = 0xC001
 
-#: Files up to this size are read into memory; larger ones are mapped.
+#: Files up to this size are read into memory at once (one read for hash and header);
+#: larger ones are hashed in blocks and their header read with seeks over the values.
 READ_WHOLE_BELOW = 1 << 20
 MIB = 1 << 20
 SPOOL_DIR, TMP_DIR, QUARANTINE_DIR = ".spool", ".tmp", ".quarantine"
@@ -217,34 +225,36 @@ def check_uid(value: str, what: str) -> None:
         raise Rejected(MISSING_IDENTIFIER, f"{what} has characters a UID cannot have")
 
 
-def inspect_file(path: Path, fsync: bool = False) -> FileInfo:
-    """Hash, check and decode a Part 10 file; flush it to disk when ``fsync``."""
+def inspect_file(path: Path, fsync: bool = False, scratch_dir: str | None = None) -> FileInfo:
+    """Hash, check and decode a Part 10 file; flush its data to disk when ``fsync``."""
     with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < 132:
-            raise Malformed("not a DICOM Part 10 file (too short)")
-        if size <= READ_WHOLE_BELOW:
-            data = fh.read()
-            info = _inspect_buffer(data, size)
-        else:
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                info = _inspect_buffer(mapped, size)
+        info = inspect_open(fh, scratch_dir)
         if fsync:
-            os.fsync(fh.fileno())
+            os.fdatasync(fh.fileno())
     return info
 
 
-def _inspect_buffer(data: Any, size: int) -> FileInfo:
-    digest = hashlib.sha256(data).hexdigest()
-    meta = read_meta(data)
-    header = read_header(data, meta)
+def inspect_open(fh: Any, scratch_dir: str | None = None) -> FileInfo:
+    """:func:`inspect_file` of an open file (read from its start)."""
+    size = os.fstat(fh.fileno()).st_size
+    if size < 132:
+        raise Malformed("not a DICOM Part 10 file (too short)")
+    if size <= READ_WHOLE_BELOW:
+        data = fh.read()
+        size = len(data)
+        digest = hashlib.sha256(data).hexdigest()
+        meta, header = read_file(io.BytesIO(data), size, scratch_dir)
+    else:
+        fh.seek(0)
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()  # in blocks
+        meta, header = read_file(fh, size, scratch_dir)
     return FileInfo(size=size, sha256=digest, meta=meta, header=header)
 
 
 def dataset_offset(path: Path) -> int:
     """Where the data set starts in a Part 10 file."""
     with open(path, "rb") as fh:
-        return read_meta(fh.read(64 * 1024)).dataset_offset  # far more than any meta
+        return read_meta(fh).dataset_offset
 
 
 def same_data_set(first: Path, first_offset: int, second: Path, second_offset: int) -> bool:
@@ -273,6 +283,8 @@ class Store:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
         self.settings: StorageSettings = gateway.settings("storage")
+        #: Flush files, folders and commits before answering success ([gateway] durable).
+        self.durable: bool = gateway.config.gateway.durable
         root = Path(self.settings.root)
         if not root.is_absolute():
             root = Path(gateway.data_dir) / root
@@ -285,6 +297,8 @@ class Store:
         self.is_sqlite = isinstance(self.database, peewee.SqliteDatabase)
         self.sql = _Statements(self.database, self.is_sqlite)
         self._root_text = str(self.root)
+        self._spool_text = str(self.spool_dir)
+        self._tmp_text = str(self.tmp_dir)
         self._root_device: int | None = None
         self._known_dirs: set[str] = set()
         self._sessions: dict[Any, Session] = {}
@@ -310,7 +324,7 @@ class Store:
                 os.mkdir(os.path.join(self._root_text, name))
             except FileExistsError:
                 pass
-        if self.settings.fsync:
+        if self.durable:
             fsync_dir(self.root)
 
     def sweep(self) -> int:
@@ -336,6 +350,8 @@ class Store:
 
     def on_store_filesystem(self, path: Path) -> bool:
         """True when ``path`` can be linked into the store (same filesystem)."""
+        if os.fspath(path).rpartition(os.sep)[0] in (self._spool_text, self._tmp_text):
+            return True  # our own working folders (the root is on one filesystem)
         try:
             if self._root_device is None:
                 self._root_device = os.stat(self._root_text).st_dev
@@ -344,7 +360,7 @@ class Store:
             return False
 
     def copy_in(self, path: Path) -> Path:
-        """A temporary copy of ``path`` inside the store (flushed when configured)."""
+        """A temporary copy of ``path`` inside the store (flushed when durable)."""
         size = os.stat(path).st_size
 
         def chunks() -> Iterable[bytes]:
@@ -358,7 +374,7 @@ class Store:
         return path.relative_to(self.root).as_posix()
 
     def absolute(self, relative: str) -> Path:
-        return self.root.joinpath(*relative.split("/"))
+        return Path(os.path.join(self._root_text, *relative.split("/")))
 
     def temporary_path(self) -> Path:
         return self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}{TMP_SUFFIX}"
@@ -366,7 +382,7 @@ class Store:
     # Space -----------------------------------------------------------------------------
 
     def free_bytes(self) -> int:
-        stats = os.statvfs(self.root)
+        stats = os.statvfs(self._root_text)
         return stats.f_bavail * stats.f_frsize
 
     def check_space(self, incoming: int = 0) -> None:
@@ -378,8 +394,8 @@ class Store:
                            f"{self.settings.reserve_mb} MiB")
 
     def write_temporary(self, chunks: Iterable[bytes], size: int) -> Path:
-        """Write ``chunks`` to a new temporary file in the store, flushed when the
-        settings ask for it. Disk full is refused with 0xA700, nothing left behind."""
+        """Write ``chunks`` to a new temporary file in the store, its data flushed to
+        disk when durable. Disk full is refused with 0xA700, nothing left behind."""
         self.check_space(size)
         path = self.temporary_path()
         try:
@@ -391,8 +407,8 @@ class Store:
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
-                if self.settings.fsync:
-                    os.fsync(fd)
+                if self.durable:
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -402,6 +418,30 @@ class Store:
                     from None
             raise
         return path
+
+    # Reading the index -------------------------------------------------------------------
+
+    def instances_of_study(self, study_uid: str) -> list[StoredInstance]:
+        """Every instance stored for ``study_uid`` as :class:`StoredInstance` records, in
+        series and instance order; an empty list when none is. (``replaced`` is false:
+        it describes an arrival, not what is stored.)"""
+        query = (Instance.select(Instance, Series, Study, Patient)
+                 .join(Series, on=(Instance.series == Series.id))
+                 .switch(Instance).join(Study, on=(Instance.study == Study.id))
+                 .join(Patient, on=(Study.patient == Patient.id))
+                 .where(Study.study_uid == study_uid)
+                 .order_by(Series.number, Series.id, Instance.instance_number, Instance.id))
+        with self.database.connection_context():
+            return [StoredInstance(
+                id=row.id, sop_class_uid=row.sop_class_uid,
+                sop_instance_uid=row.sop_instance_uid, study_uid=row.study.study_uid,
+                series_uid=row.series.series_uid, patient_id=row.study.patient.patient_id,
+                patient_name=row.study.patient.name, modality=row.series.modality,
+                path=row.path, absolute_path=self.absolute(row.path), size=row.size,
+                sha256=row.sha256, transfer_syntax=row.transfer_syntax,
+                calling_ae=row.calling_ae, address=row.address,
+                received=row.received.replace(tzinfo=UTC), replaced=False)
+                for row in query]
 
     # Sessions --------------------------------------------------------------------------
 
@@ -427,22 +467,24 @@ class Store:
         ``expected_*`` are the request's UIDs, which the data set must carry. With
         ``consume`` the source is gone afterwards whatever happened; without it, it
         is left where it was (and, when stored, also linked into the store).
-        ``duplicates`` overrides the configured duplicate policy. Raises
-        :class:`Rejected` with the status to answer.
+        ``synced``: the source's data is already flushed to disk. ``duplicates``
+        overrides the configured duplicate policy. Raises :class:`Rejected` with the
+        status to answer.
         """
         try:
-            return self._ingest(source, origin, expected_class, expected_instance, synced,
-                                consume, session, duplicates or self.settings.duplicates)
+            with open(source, "rb") as fh:
+                return self._ingest(source, fh, origin, expected_class, expected_instance,
+                                    synced, consume, session,
+                                    duplicates or self.settings.duplicates)
         finally:
             if consume:
                 _unlink(source)
 
-    def _ingest(self, source: Path, origin: Origin, expected_class: str | None,
+    def _ingest(self, source: Path, fh: Any, origin: Origin, expected_class: str | None,
                 expected_instance: str | None, synced: bool, consume: bool,
                 session: Session | None, policy: str) -> Outcome:
-        settings = self.settings
         try:
-            info = inspect_file(source)
+            info = inspect_open(fh, self._tmp_text)
         except Malformed as exc:
             raise Rejected(CANNOT_UNDERSTAND, f"not a complete DICOM data set: {exc}") from None
         header = info.header
@@ -470,9 +512,21 @@ class Store:
                 return Outcome(None, duplicate=True)
 
         self.check_space()
+        # With durable, three flushes, strictly one after the other: the file's data,
+        # then (after the link) its folder, then (the commit) the index. Each step only
+        # starts once the one before is on disk, which is what makes "success means
+        # file and row are on disk; a crash leaves no row pointing to a missing file"
+        # hold on any filesystem:
+        # * data before the link: a file under its final name is always complete, so
+        #   what `verify --repair` finds after a crash can be indexed as it is;
+        # * folder before the commit: running the two flushes at once would let the
+        #   commit reach the disk first, and a crash then leaves a row whose file name
+        #   was never written. (On ext4 the commit's flush often takes the link along,
+        #   but not when the WAL's flush needs no journal commit, so it cannot be
+        #   relied on.)
         try:
-            if settings.fsync and not synced:
-                _fsync_file(source)
+            if self.durable and not synced:
+                os.fdatasync(fh.fileno())
             relative = self._place(source, header.sop_instance_uid, consume)
         except OSError as exc:
             if _is_disk_full(exc):
@@ -481,7 +535,8 @@ class Store:
             raise
         received = _utcnow()
         try:
-            row_id, replaced = self._index(relative, info, origin, received, session, policy)
+            row_id, replaced = self._index(relative, info, origin, received, session, policy,
+                                           known_new=existing is None)
         except Exception:
             _unlink(self.absolute(relative))
             log.exception("storage: indexing %s failed; its file was removed",
@@ -521,14 +576,15 @@ class Store:
 
     def _place(self, source: Path, sop_instance_uid: str, consume: bool) -> str:
         """Link ``source`` into the store under a name derived from the UID's hash;
-        never replaces an existing file. Returns the relative path."""
+        never replaces an existing file. Returns the relative path. (The source's own
+        name is left to the caller to remove.)"""
         digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
         fanout = digest[:FANOUT_DIGITS]
         folder = os.path.join(self._root_text, fanout)
         if fanout not in self._known_dirs:
             if not os.path.isdir(folder):  # removed since start: make it again
                 os.makedirs(folder, exist_ok=True)
-                if self.settings.fsync:
+                if self.durable:
                     fsync_dir(self.root)
             self._known_dirs.add(fanout)
         name = f"{digest}.dcm"
@@ -549,10 +605,12 @@ class Store:
                     continue
                 os.rename(source, target)
                 break
-        if consume:
-            _unlink(source)
-        if self.settings.fsync:
-            fsync_dir(folder)
+        if self.durable:
+            try:
+                fsync_dir(folder)
+            except OSError:
+                _unlink(target)  # not known to be on disk: not stored
+                raise
         return f"{fanout}/{name}"
 
     # Index -----------------------------------------------------------------------------
@@ -565,9 +623,14 @@ class Store:
         return self.database.atomic()
 
     def _index(self, relative: str, info: FileInfo, origin: Origin, received: datetime,
-               session: Session | None, policy: str) -> tuple[int | None, str | None]:
+               session: Session | None, policy: str, known_new: bool = False
+               ) -> tuple[int | None, str | None]:
         """Write the rows of a stored file. Returns (instance row id, replaced file's
-        relative path or None); (None, None) when an existing instance is kept."""
+        relative path or None); (None, None) when an existing instance is kept.
+
+        ``known_new``: a look-up just before found no instance with this UID, so the
+        first attempt inserts without looking again; if another sender inserted it
+        meanwhile, the unique index refuses the row and the second attempt looks."""
         for attempt in (1, 2):
             cache = self._cache(session)
             # Row ids found or created in this transaction are remembered only once
@@ -575,7 +638,8 @@ class Store:
             found: dict[str, tuple[int, int]] = dict(cache)
             try:
                 with self.transaction():
-                    result = self._write_rows(relative, info, origin, received, found, policy)
+                    result = self._write_rows(relative, info, origin, received, found, policy,
+                                              known_new and attempt == 1)
             except peewee.IntegrityError:
                 # Another process inserted the same patient/study/series/instance
                 # between our look-up and insert, or a cached row was deleted: the
@@ -601,13 +665,15 @@ class Store:
         return session.series_ids
 
     def _write_rows(self, relative: str, info: FileInfo, origin: Origin, received: datetime,
-                    cache: dict[str, tuple[int, int]], policy: str
+                    cache: dict[str, tuple[int, int]], policy: str, known_new: bool = False
                     ) -> tuple[int | None, str | None]:
         header = info.header
         now = received.replace(tzinfo=None)
         sql, execute = self.sql, self.database.execute_sql
-        row = execute(sql.lock_instance, (header.sop_instance_uid,)).fetchone()
-        existing = None if row is None else _Existing(*row)
+        existing = None
+        if not known_new:
+            row = execute(sql.lock_instance, (header.sop_instance_uid,)).fetchone()
+            existing = None if row is None else _Existing(*row)
         if existing is not None:
             if policy == KEEP_FIRST or (policy == OVERWRITE_IF_DIFFERENT
                                         and existing.sha256 == info.sha256):
@@ -773,14 +839,6 @@ class _Statements:
                              f"size = size + {p}, updated = {p} WHERE id = {p}")
         self.count_study = (f"UPDATE {study} SET num_instances = num_instances + {p}, "
                             f"size = size + {p}, updated = {p} WHERE id = {p}")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(path: str | Path) -> int:
