@@ -722,11 +722,14 @@ def set_status(gateway: Any, step_pk: int, status: str, source: str = "api",
 
     A completed, discontinued or cancelled step keeps its status unless ``force``.
     Setting the status a step already has records nothing and notifies no one.
+    Plugins are notified inside the transaction of the change, so that what they
+    record of it (the MPPS plugin's events for the HIS) commits with it.
     """
-    with gateway.database.connection_context():
+    database = gateway.database
+    with database.connection_context(), database.atomic():
         record, previous = _change_status(step_pk, status, source, reason, force)
-    if previous is not None:
-        _notify(gateway, record, previous, source, reason)
+        if previous is not None:
+            _notify(gateway, record, previous, source, reason)
     return record
 
 
@@ -735,9 +738,12 @@ def find_for_references(gateway: Any, references: Sequence[Mapping[str, str]],
     """The steps that items of an MPPS's Scheduled Step Attributes Sequence name.
 
     Each reference (``study_uid``, ``accession``, ``requested_procedure_id``,
-    ``scheduled_step_id``; ``""`` when absent) finds the order by the first of Study
-    Instance UID, accession number and Requested Procedure ID that it carries, and the
-    step by its ID when given. Without a step ID, the steps of that order scheduled for
+    ``scheduled_step_id``; ``""`` when absent) finds the order by its accession number,
+    else its Requested Procedure ID, else its Study Instance UID: the first of these it
+    carries that finds a step. (A device that groups procedures, or was not given the
+    study's UID, sends a Study Instance UID of its own, the same in every item, beside
+    each order's accession number: PS3.4 F.7.2.1.2 notes 2 and 3.) The step is found by
+    its ID when given. Without a step ID, the steps of that order scheduled for
     ``station_ae`` (when it has any) are meant, else all its steps. A reference with
     none of these (an unscheduled procedure) finds nothing.
     """
@@ -747,20 +753,20 @@ def find_for_references(gateway: Any, references: Sequence[Mapping[str, str]],
             get = lambda key: str(reference.get(key) or "").strip()  # noqa: E731
             study_uid, accession = get("study_uid"), get("accession")
             procedure_id, step_id = get("requested_procedure_id"), get("scheduled_step_id")
-            if study_uid:
-                condition = RequestedProcedure.study_uid == study_uid
-            elif accession:
-                condition = RequestedProcedure.accession == accession
-            elif procedure_id:
-                condition = RequestedProcedure.procedure_id == procedure_id
-            elif step_id:
-                condition = ScheduledStep.step_id == step_id
-            else:
-                continue
-            if step_id:
-                condition = condition & (ScheduledStep.step_id == step_id)
-            steps = _records(_steps_query().where(condition)
-                             .order_by(ScheduledStep.start, ScheduledStep.id))
+            conditions = [condition for value, condition in (
+                (accession, RequestedProcedure.accession == accession),
+                (procedure_id, RequestedProcedure.procedure_id == procedure_id),
+                (study_uid, RequestedProcedure.study_uid == study_uid)) if value]
+            if not conditions and step_id:
+                conditions = [ScheduledStep.step_id == step_id]
+            steps = []
+            for condition in conditions:
+                if step_id:
+                    condition = condition & (ScheduledStep.step_id == step_id)
+                steps = _records(_steps_query().where(condition)
+                                 .order_by(ScheduledStep.start, ScheduledStep.id))
+                if steps:
+                    break
             station = station_ae.strip()
             if not step_id and station and len(steps) > 1:
                 steps = [step for step in steps if step.station_ae == station] or steps
