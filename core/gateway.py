@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import peewee
@@ -17,6 +19,7 @@ from dicomgate.peers import Peer, PeerDirectory
 from dicomgate.services import Dimse, Service
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def collect_settings(plugins: Plugins) -> dict[str, SettingsSchema]:
@@ -50,8 +53,8 @@ class Gateway:
     """One dicomgate: its config, plugins, database, peers and services.
 
     Plugins receive it in hooks and handlers. Stable attributes: ``config``,
-    ``hook``, ``database``, ``peers``, ``services``, ``data_dir``, ``ae_title`` and
-    :meth:`settings`.
+    ``hook``, ``database``, ``peers``, ``services``, ``data_dir``, ``ae_title``,
+    :meth:`settings` and :meth:`plugin_object`.
     """
 
     config: Config
@@ -59,6 +62,8 @@ class Gateway:
     database: peewee.Database
     peers: PeerDirectory = attrs.field(init=False)
     services: tuple[Service, ...] = attrs.field(init=False, default=())
+    _plugin_objects: dict[str, Any] = attrs.field(init=False, factory=dict)
+    _plugin_objects_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
 
     @classmethod
     def open(cls, config: Config, plugins: Plugins, upgrade: bool = False) -> Gateway:
@@ -98,6 +103,14 @@ class Gateway:
             return self.config.plugin_settings[plugin]
         except KeyError:
             raise KeyError(f"plugin {plugin!r} registered no settings") from None
+
+    def plugin_object(self, key: str, create: Callable[[Gateway], T]) -> T:
+        """The object a plugin keeps for this gateway under ``key`` (a store, an
+        outbox), made by ``create(gateway)`` on first use and shared by every thread."""
+        with self._plugin_objects_lock:
+            if key not in self._plugin_objects:
+                self._plugin_objects[key] = create(self)
+            return self._plugin_objects[key]
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call every implementation of a notification hook; one failing does not stop

@@ -22,7 +22,6 @@ import json
 import logging
 import threading
 import uuid
-import weakref
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -302,15 +301,7 @@ def retry(database: peewee.Database, event_ids: list[str] | None = None) -> int:
         return query.execute()
 
 
-_outboxes: weakref.WeakKeyDictionary[Any, Outbox] = weakref.WeakKeyDictionary()
-_outboxes_lock = threading.Lock()
-
-
 def outbox_for(gateway: Any) -> Outbox:
     """The gateway's outbox (one per gateway, created on first use)."""
-    with _outboxes_lock:
-        box = _outboxes.get(gateway)
-        if box is None:
-            box = _outboxes[gateway] = Outbox(gateway)
-        return box
+    return gateway.plugin_object("mpps.outbox", Outbox)
 

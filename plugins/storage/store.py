@@ -34,7 +34,6 @@ import os
 import secrets
 import threading
 import time
-import weakref
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,17 +161,9 @@ class Session:
     generation: int = 0
 
 
-_stores: weakref.WeakKeyDictionary[Any, Store] = weakref.WeakKeyDictionary()
-_stores_lock = threading.Lock()
-
-
 def store_for(gateway: Gateway) -> Store:
     """The gateway's store (one per gateway, created on first use)."""
-    with _stores_lock:
-        store = _stores.get(gateway)
-        if store is None:
-            store = _stores[gateway] = Store(gateway)
-        return store
+    return gateway.plugin_object("storage.store", Store)
 
 
 def _utcnow() -> datetime:
