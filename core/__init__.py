@@ -21,7 +21,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 from dicomgate.errors import ConfigError, PluginError, UsageError  # noqa: E402
 from dicomgate.services import AssociationInfo, Dimse, Request, Service  # noqa: E402
 from dicomgate.peers import Peer  # noqa: E402
-from dicomgate.db import Model, Schema  # noqa: E402
+from dicomgate.db import Model, Schema, write_transaction  # noqa: E402
 
 __all__ = [
     "AssociationInfo",
@@ -35,5 +35,6 @@ __all__ = [
     "Service",
     "UsageError",
     "hookimpl",
+    "write_transaction",
     "__version__",
 ]

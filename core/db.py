@@ -88,6 +88,15 @@ class Schema:
 CORE_SCHEMA = Schema("core", 1, (SchemaVersion,))
 
 
+def write_transaction(database: peewee.Database) -> peewee._atomic:
+    """A transaction that will write. On SQLite it takes the write lock at its start
+    (BEGIN IMMEDIATE), so concurrent writers queue on the busy timeout instead of
+    failing to upgrade a read lock halfway; nested, it is a savepoint."""
+    if isinstance(database, peewee.SqliteDatabase) and not database.in_transaction():
+        return database.atomic(lock_type="IMMEDIATE")
+    return database.atomic()
+
+
 class SchemaOutdated(UsageError):
     pass
 

@@ -34,12 +34,12 @@ from dicomgate.plugins.mpps.models import (
     PerformedStep,
     Reference,
 )
+from dicomgate.db import write_transaction
 from dicomgate.plugins.mpps.outbox import (
     mpps_stream,
     order_stream,
     outbox_for,
     utcnow,
-    write_transaction,
 )
 
 log = logging.getLogger("dicomgate.mpps")

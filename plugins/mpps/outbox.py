@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
@@ -30,6 +31,7 @@ import attrs
 import peewee
 
 from dicomgate import PluginError, __version__
+from dicomgate.db import write_transaction
 from dicomgate.plugins.mpps.models import (
     DEAD,
     DELIVERED,
@@ -53,14 +55,6 @@ def utcnow() -> datetime:
 
 def iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds") + "Z"
-
-
-def write_transaction(database: peewee.Database) -> Any:
-    """A write transaction; on SQLite it takes the write lock at once, so that writers
-    queue instead of failing to upgrade a read lock."""
-    if isinstance(database, peewee.SqliteDatabase):
-        return database.atomic(lock_type="IMMEDIATE")
-    return database.atomic()
 
 
 @attrs.frozen
@@ -108,6 +102,7 @@ class Outbox:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sending: Any = None
+        self._look_again_until = 0.0
 
     # Notifiers ---------------------------------------------------------------------------
 
@@ -167,6 +162,12 @@ class Outbox:
     def wake(self) -> None:
         self._wake.set()
 
+    def wake_after_commit(self) -> None:
+        """Wake the worker for an event written in a transaction still open: it looks
+        again every 50 ms for the next two seconds instead of waiting a poll interval."""
+        self._look_again_until = time.monotonic() + 2.0
+        self._wake.set()
+
     def start(self) -> None:
         if self._thread is not None or not self.notifiers():
             return
@@ -200,6 +201,8 @@ class Outbox:
                 with self.gateway.database.connection_context():
                     sent = self.deliver_due()
                     wait = 0.0 if sent else self._seconds_to_next()
+                    if wait > 0 and time.monotonic() < self._look_again_until:
+                        wait = min(wait, 0.05)
             except Exception:
                 log.exception("outbox: delivery round failed")
                 wait = self.settings.poll_interval

@@ -32,7 +32,7 @@ import attrs
 import peewee
 from pydicom.uid import generate_uid
 
-from dicomgate import UsageError
+from dicomgate import UsageError, write_transaction
 from dicomgate.plugins.worklist import charsets, matching
 from dicomgate.plugins.worklist.models import (
     ACTIVE,
@@ -504,7 +504,7 @@ def add_orders(gateway: Any, orders: Iterable[Order | Mapping[str, Any]],
         raise OrderError("two orders have the same study_uid")
     pks: list[int] = []
     database = gateway.database
-    with database.connection_context(), database.atomic():
+    with database.connection_context(), write_transaction(database):
         for start in range(0, len(checked), BATCH):
             pks += _insert_batch(checked[start:start + BATCH], source)
         if not records:
@@ -690,7 +690,7 @@ def _change_status(step_pk: int, status: str, source: str, reason: str,
     status = status.strip().upper()
     if status not in STATUSES:
         raise OrderError(f"status {status!r} is not one of {', '.join(STATUSES)}")
-    with ScheduledStep._meta.database.atomic():
+    with write_transaction(ScheduledStep._meta.database):
         step = ScheduledStep.get_or_none(ScheduledStep.id == step_pk)
         if step is None:
             raise NotFound(f"no scheduled procedure step {step_pk}")
@@ -726,7 +726,7 @@ def set_status(gateway: Any, step_pk: int, status: str, source: str = "api",
     record of it (the MPPS plugin's events for the HIS) commits with it.
     """
     database = gateway.database
-    with database.connection_context(), database.atomic():
+    with database.connection_context(), write_transaction(database):
         record, previous = _change_status(step_pk, status, source, reason, force)
         if previous is not None:
             _notify(gateway, record, previous, source, reason)
