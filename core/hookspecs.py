@@ -140,6 +140,31 @@ def register_notifiers(register: Callable[[str, Any], None], gateway: Gateway) -
     """
 
 
+@hookspec
+def register_renderers(register: Callable[[str, Any], None], gateway: Gateway) -> None:
+    """Offer a way to turn a stored image into a picture for a document: call
+    ``register(name, renderer)``.
+
+    The JPEG export plugin registers ``"jpeg"``; a plugin adds PNG, thumbnails or a
+    vendor format under a new name, and a site replaces the built-in one by listing
+    other names in ``[jpeg] renderers``. ``name`` (str, at most 32 characters) is
+    recorded with every picture made; a second renderer with the same name is a
+    start-up error. ``renderer`` has:
+
+    * ``render(path, options) -> list``: render the DICOM file at ``path`` (a
+      :class:`pathlib.Path`) with ``options`` (the export plugin's ``RenderOptions``:
+      quality, max_size, frames, voi_index, fallback_window, window, caption, font)
+      and return one ``RenderedImage`` per selected frame (``frame``, ``frames``,
+      ``data`` bytes, ``width``, ``height``, ``window``, ``lossy_source``,
+      ``media_type``, ``extension``). Raise ``RenderError`` (or any exception) with a
+      message for the clinic when the instance cannot be rendered, ``NotAnImage``
+      for one without pixels; both classes live in
+      ``dicomgate.plugins.jpeg.render``. Called from worker threads, several at once.
+
+    Called once per gateway, when the export plugin first needs its renderers.
+    """
+
+
 # Lifecycle ---------------------------------------------------------------------------
 
 
@@ -262,6 +287,18 @@ def find_scheduled_steps(gateway: Gateway, references: Sequence[Mapping[str, str
     """
 
 
+@hookspec(firstresult=True)
+def find_instances(gateway: Gateway, study_uid: str = "", series_uid: str = "",
+                   sop_instance_uid: str = "") -> Sequence[Any] | None:
+    """The stored instances of a study, a series or one instance, as records of the
+    storage plugin, in series and instance order.
+
+    Give exactly one of the UIDs. ``firstresult``: the plugin that keeps images
+    answers (an empty list when it has none); ``None`` from every plugin means
+    nothing stores images here. JPEG export uses it for ``dicomgate export jpeg``.
+    """
+
+
 # Requests to other plugins ---------------------------------------------------------------
 
 
@@ -284,4 +321,22 @@ def change_step_status(gateway: Gateway, step: Any, status: str, source: str,
     caller's work or not at all, so the implementation must not commit on its own
     (nested ``atomic()`` blocks are savepoints) and must raise rather than swallow a
     database error.
+    """
+
+
+@hookspec(firstresult=True)
+def publish_event(gateway: Gateway, event_type: str, study_uid: str,
+                  payload: Mapping[str, Any]) -> str | None:
+    """Ask the plugin that keeps the outbox to send an event to the clinic's systems.
+
+    ``event_type`` names the event (``"document.ready"``); ``study_uid`` is the Study
+    Instance UID of the order it concerns, which puts it in that order's stream, after
+    the order's earlier events; ``payload`` is JSON-ready and becomes the event's
+    body next to the outbox's own keys (``version``, ``id``, ``type``, ``occurred``,
+    ``stream``, ``sequence``, ``gateway``).
+
+    ``firstresult``: the MPPS plugin writes the event and returns its id (a UUID);
+    ``None`` from every plugin means no outbox runs here, and the caller keeps its
+    fact without telling anyone. Called inside the caller's database transaction, on
+    the same connection: the event commits with the caller's change or not at all.
     """

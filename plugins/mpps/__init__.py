@@ -19,7 +19,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from dicomgate import Dimse, Service, hookimpl
 from dicomgate.plugins.mpps import api, commands, scp, webhook
 from dicomgate.plugins.mpps.models import SCHEMA
-from dicomgate.plugins.mpps.outbox import Event, outbox_for
+from dicomgate.plugins.mpps.outbox import Event, order_stream, outbox_for
 from dicomgate.plugins.mpps.settings import EXAMPLE, MppsSettings
 
 __all__ = ["Event", "MppsSettings", "api"]
@@ -74,3 +74,11 @@ def instance_stored(gateway, instance):
 @hookimpl
 def procedure_step_changed(gateway, step, status, source):
     api.step_changed(gateway, step, status, source)
+
+
+@hookimpl
+def publish_event(gateway, event_type, study_uid, payload):
+    box = outbox_for(gateway)
+    event_id = box.append(event_type, order_stream(study_uid), payload)
+    box.wake_after_commit()
+    return event_id
