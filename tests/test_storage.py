@@ -212,6 +212,8 @@ def test_stores_and_indexes_an_instance(dicomgate_start: Any) -> None:
     assert association.calling_ae == "CT_ROOM1"
     assert instance.sop_instance_uid == ds.SOPInstanceUID and not instance.replaced
     assert instance.patient_name == CYRILLIC and instance.modality == "OT"
+    assert (instance.accession, instance.study_date, instance.series_number,
+            instance.instance_number, instance.frames) == ("ACC1", "20240305", 1, 1, 1)
     assert instance.absolute_path == root_of(gw) / instance.path
     # the path comes from the UID's hash, not from received text
     digest = hashlib.sha256(ds.SOPInstanceUID.encode()).hexdigest()
@@ -246,6 +248,11 @@ def test_stores_and_indexes_an_instance(dicomgate_start: Any) -> None:
     [series] = rows(gw, Series)
     assert (series.series_uid, series.modality, series.number, series.description,
             series.body_part) == (ds.SeriesInstanceUID, "OT", 1, "Серия 1", "CHEST")
+    [looked_up] = gw.gateway.hook.instances_of_study(gateway=gw.gateway,
+                                                     study_uid=ds.StudyInstanceUID)
+    assert looked_up == instance  # the same record, read back from the index
+    assert (looked_up.accession, looked_up.study_date, looked_up.series_number,
+            looked_up.instance_number, looked_up.frames) == ("ACC1", "20240305", 1, 1, 1)
     assert_consistent(gw)
     assert working_files(gw) == []
 

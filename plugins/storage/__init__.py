@@ -13,10 +13,18 @@ from __future__ import annotations
 from dicomgate import Dimse, Service, hookimpl
 from dicomgate.plugins.storage import commands, scp
 from dicomgate.plugins.storage.models import SCHEMA
+from dicomgate.plugins.storage.retention import retention_for
 from dicomgate.plugins.storage.settings import EXAMPLE, StorageSettings
-from dicomgate.plugins.storage.store import Rejected, Store, StoredInstance, store_for
+from dicomgate.plugins.storage.store import (
+    PurgeReport,
+    Rejected,
+    Store,
+    StoredInstance,
+    store_for,
+)
 
-__all__ = ["Rejected", "StorageSettings", "Store", "StoredInstance", "store_for"]
+__all__ = ["PurgeReport", "Rejected", "StorageSettings", "Store", "StoredInstance",
+           "store_for"]
 
 #: The plugin's name: entry point, config section and table prefix.
 NAME = "storage"
@@ -45,7 +53,15 @@ def register_services(register, gateway):
 
 @hookimpl
 def gateway_started(gateway):
-    store_for(gateway).sweep()
+    store = store_for(gateway)
+    store.sweep()
+    store.finish_purges()
+    retention_for(gateway).start()
+
+
+@hookimpl
+def gateway_stopping(gateway):
+    retention_for(gateway).stop()
 
 
 @hookimpl
@@ -61,3 +77,8 @@ def register_commands(cli):
 @hookimpl
 def instances_of_study(gateway, study_uid):
     return store_for(gateway).instances_of_study(study_uid)
+
+
+@hookimpl
+def find_instances(gateway, study_uid, series_uid, sop_instance_uid):
+    return store_for(gateway).find_instances(study_uid, series_uid, sop_instance_uid)

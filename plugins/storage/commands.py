@@ -1,4 +1,4 @@
-"""``dicomgate studies``, ``dicomgate import`` and ``dicomgate verify``."""
+"""``dicomgate studies [purge]``, ``dicomgate import`` and ``dicomgate verify``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import secrets
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ import click
 import peewee
 
 from dicomgate import UsageError
-from dicomgate.cli import config_option, open_gateway
+from dicomgate.cli import config_option, load_config, load_plugins, open_gateway
+from dicomgate.gateway import configure
 from dicomgate.plugins.storage.header import Malformed, read_meta
 from dicomgate.plugins.storage.models import Instance, Patient, Series, Study
+from dicomgate.plugins.storage.retention import size_text
 from dicomgate.plugins.storage.scp import STORAGE_SOP_CLASSES, encode_file_meta
 from dicomgate.plugins.storage.settings import KEEP_FIRST
 from dicomgate.plugins.storage.store import (
@@ -85,7 +88,7 @@ def _study_record(study: Study) -> dict[str, Any]:
     }
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @config_option
 @click.option("--patient", help="Words of the patient's name or ID, any case and order "
                                 "(\"иван иванов\" finds ИВАНОВ^ИВАН).")
@@ -96,9 +99,14 @@ def _study_record(study: Study) -> dict[str, Any]:
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True,
               help="Most studies to list, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def studies(config_file: Path | None, patient: str | None, date_range: str | None,
-            modality: str | None, accession: str | None, limit: int, as_json: bool) -> None:
-    """List the studies in the store, newest first, with filters."""
+@click.pass_context
+def studies(ctx: click.Context, config_file: Path | None, patient: str | None,
+            date_range: str | None, modality: str | None, accession: str | None, limit: int,
+            as_json: bool) -> None:
+    """List the studies in the store, newest first, with filters; or (purge) remove
+    old ones."""
+    if ctx.invoked_subcommand is not None:
+        return
     with open_gateway() as gateway, gateway.database.connection_context():
         query = Study.select(Study, Patient).join(Patient)
         if patient:
@@ -133,6 +141,41 @@ def studies(config_file: Path | None, patient: str | None, date_range: str | Non
 
 def _format_date(value: str) -> str:
     return f"{value[:4]}-{value[4:6]}-{value[6:]}" if _DATE.match(value or "") else value or "-"
+
+
+@studies.command()
+@config_option
+@click.option("--older-than", "days", type=click.IntRange(1), metavar="DAYS",
+              help="Remove the studies whose last instance arrived more than DAYS days "
+                   "ago.  [default: [storage] keep_days]")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def purge(ctx: click.Context, config_file: Path | None, days: int | None, dry_run: bool,
+          as_json: bool) -> None:
+    """Remove whole studies (files and index rows) whose last instance arrived more
+    than DAYS days ago, as the gateway's retention does with [storage] keep_days."""
+    if config_file is None and ctx.parent is not None:  # dicomgate studies --config F purge
+        ctx.params["config_file"] = ctx.parent.params.get("config_file")
+    if days is None:  # checked before the database is opened (or created)
+        config = load_config()
+        days = configure(config, load_plugins(config)).plugin_settings["storage"].keep_days
+        if days <= 0:
+            raise UsageError("give --older-than DAYS: [storage] keep_days is not set "
+                             "(0 keeps every study)")
+    with open_gateway() as gateway, gateway.database.connection_context():
+        report = store_for(gateway).purge(timedelta(days=days), dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"dry_run": report.dry_run, "older_than_days": days,
+                               "studies": report.studies, "instances": report.instances,
+                               "bytes": report.bytes_freed,
+                               "study_uids": list(report.study_uids)}, indent=2))
+        return
+    for uid in report.study_uids:
+        click.echo(f"{'would remove' if dry_run else 'removed'} study {uid}")
+    click.echo(f"{'would remove' if dry_run else 'removed'} {report.studies} study(ies), "
+               f"{report.instances} instance(s), {size_text(report.bytes_freed)}, last "
+               f"received more than {days} day(s) ago")
 
 
 # import --------------------------------------------------------------------------------
@@ -263,7 +306,8 @@ def _adopt(store: Store, path: Path) -> str:
 @config_option
 @click.option("--checksums", is_flag=True, help="Also re-read every file and compare its SHA-256.")
 @click.option("--repair", is_flag=True,
-              help="Remove the index rows of missing files; index unindexed files, or move "
+              help="Remove the index rows of missing files and the files of purged "
+                   "studies an interruption left; index other unindexed files, or move "
                    "those that cannot be indexed to the .quarantine folder.")
 @click.option("--grace", type=click.FloatRange(0), default=300.0, show_default=True,
               help="Seconds: a newer unindexed file may be a transfer in progress, and is "
@@ -273,6 +317,18 @@ def verify(config_file: Path | None, checksums: bool, repair: bool, grace: float
     problems = 0
     with open_gateway() as gateway, gateway.database.connection_context():
         store = store_for(gateway)
+        if repair:
+            purged = store.finish_purges()
+            if purged:
+                click.echo(f"removed {purged} file(s) of purged studies that an "
+                           "interruption had left")
+        # Files of purged studies: never indexed again. Those of a purge another
+        # process is running are left to it.
+        purging: dict[str, bool] = {}
+        for journal in store.purge_journals():
+            for relative in journal.files:
+                if journal.active or store.purge_leftover(journal, relative):
+                    purging[relative] = journal.active
         rows = list(Instance.select(Instance.id, Instance.path, Instance.size, Instance.sha256,
                                     Instance.sop_instance_uid).tuples().iterator())
         indexed = {row[1] for row in rows}
@@ -302,6 +358,7 @@ def verify(config_file: Path | None, checksums: bool, repair: bool, grace: float
                     click.echo(f"checksum mismatch: {relative} (instance {uid})")
                     problems += 1
         orphans: list[Path] = []
+        leftovers = 0
         now = time.time()
         for path in _store_files(store):
             relative = store.relative(path)
@@ -311,6 +368,13 @@ def verify(config_file: Path | None, checksums: bool, repair: bool, grace: float
             if now - max(stat.st_mtime, stat.st_ctime) < grace:
                 continue
             if Instance.select().where(Instance.path == relative).exists():
+                continue
+            if relative in purging:
+                if not purging[relative]:
+                    click.echo(f"unindexed file: {relative} (of a purged study; "
+                               + ("it could not be removed)" if repair else
+                                  "an interruption left it: --repair removes it)"))
+                    leftovers += 1
                 continue
             click.echo(f"unindexed file: {relative}")
             orphans.append(path)
@@ -326,8 +390,9 @@ def verify(config_file: Path | None, checksums: bool, repair: bool, grace: float
                 click.echo(f"{store.relative(path)}: {_adopt(store, path)}")
         else:
             problems += len(missing) + len(orphans)
+        problems += leftovers  # with --repair: removed before, so only a failed removal
         click.echo(f"checked {len(rows)} indexed instance(s): {len(missing)} missing file(s), "
-                   f"{len(orphans)} unindexed file(s), {problems} problem(s) left")
+                   f"{len(orphans) + leftovers} unindexed file(s), {problems} problem(s) left")
     if problems:
         sys.exit(1)
 

@@ -23,6 +23,8 @@ class StorageSettings:
                                   validator=attrs.validators.in_(DUPLICATE_POLICIES))
     #: Free space (MiB) the storage filesystem keeps: below it C-STORE answers 0xA700.
     reserve_mb: int = attrs.field(default=500, validator=attrs.validators.ge(0))
+    #: Days a study is kept after its last instance arrived; 0 keeps every study forever.
+    keep_days: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     # Flushing files, folders and the index to disk before answering success is the
     # gateway-wide [gateway] durable setting, not one of this section's.
 
@@ -42,6 +44,11 @@ duplicates = "keep-first"
 # Free space (MiB) to keep on the storage filesystem; below it senders get 0xA700
 # (out of resources) and can retry later.
 reserve_mb = 500
+# Retention: a study is deleted (its files and index rows, never part of a study)
+# once its last instance arrived more than this many days ago. Checked when the
+# gateway starts and then every hour; `dicomgate studies purge --dry-run` shows what
+# would go. 0 keeps every study forever (default).
+keep_days = 0
 # Each file, its folder and the index are flushed to disk before success is
 # answered, unless [gateway] durable = false (benchmarks only).
 """

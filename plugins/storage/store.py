@@ -22,6 +22,13 @@ default), and run one after the other; see :meth:`Store._ingest` for why none of
 them may overlap.
 
 A replaced duplicate's old file is removed after the transaction committed.
+
+Retention (:meth:`Store.purge`) goes the other way round, one study at a time: the
+rows are deleted in one transaction, which also writes a purge journal (``.purge/``)
+naming the study's files; after the commit the files are removed, their folders
+flushed and the journal deleted. A crash in between leaves files without rows, never
+a row without a file; the journal tells them apart from a crashed ingest's files, so
+they are removed (:meth:`Store.finish_purges`, ``dicomgate verify``), not indexed again.
 """
 
 from __future__ import annotations
@@ -29,13 +36,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +82,9 @@ MISSING_IDENTIFIER = 0xC001
 READ_WHOLE_BELOW = 1 << 20
 MIB = 1 << 20
 SPOOL_DIR, TMP_DIR, QUARANTINE_DIR = ".spool", ".tmp", ".quarantine"
+#: Journals of purges whose files may not all be removed yet.
+PURGE_DIR = ".purge"
+JOURNAL_SUFFIX = ".json"
 #: Files live in one level of 256 folders named by the first 2 hex digits of the hash.
 FANOUT_DIGITS = 2
 FANOUT_NAMES = tuple(f"{n:0{FANOUT_DIGITS}x}" for n in range(16 ** FANOUT_DIGITS))
@@ -123,6 +134,41 @@ class StoredInstance:
     received: datetime
     #: True when it replaced an instance with the same SOP Instance UID.
     replaced: bool
+    #: The study's Accession Number.
+    accession: str = ""
+    #: Study Date, ``YYYYMMDD`` as received.
+    study_date: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+    #: Number of Frames as indexed: 1 for a single-frame image, 0 for no pixels.
+    frames: int = 0
+
+
+@attrs.frozen
+class PurgeReport:
+    """What :meth:`Store.purge` removed or, with ``dry_run``, would remove."""
+
+    studies: int = 0
+    instances: int = 0
+    #: Sum of the removed files' sizes.
+    bytes_freed: int = 0
+    #: Study Instance UIDs, oldest last arrival first.
+    study_uids: tuple[str, ...] = ()
+    dry_run: bool = False
+
+
+@attrs.frozen
+class PurgeJournal:
+    """A purge journal: the files of a study whose rows a purge deleted."""
+
+    path: Path
+    study_uid: str
+    #: Relative paths of the study's files.
+    files: tuple[str, ...]
+    #: When it was written (before the commit): a file linked later is not the study's.
+    written: float
+    #: Written by another running process, which may still be removing the files.
+    active: bool
 
 
 @attrs.frozen
@@ -294,6 +340,7 @@ class Store:
         self._known_dirs: set[str] = set()
         self._sessions: dict[Any, Session] = {}
         self._lock = threading.Lock()
+        self.purge_dir = self.root / PURGE_DIR
         #: Bumped whenever this process deletes index rows: cached row ids become stale.
         self.generation = 0
 
@@ -416,11 +463,24 @@ class Store:
         """Every instance stored for ``study_uid`` as :class:`StoredInstance` records, in
         series and instance order; an empty list when none is. (``replaced`` is false:
         it describes an arrival, not what is stored.)"""
+        return self.find_instances(study_uid=study_uid)
+
+    def find_instances(self, study_uid: str = "", series_uid: str = "",
+                       sop_instance_uid: str = "") -> list[StoredInstance]:
+        """The stored instances of a study, a series or one instance (give one UID), as
+        :class:`StoredInstance` records in series and instance order."""
+        given = [(column, value) for column, value in (
+            (Study.study_uid, study_uid), (Series.series_uid, series_uid),
+            (Instance.sop_instance_uid, sop_instance_uid)) if value]
+        if len(given) != 1:
+            raise ValueError("find_instances: give exactly one of study_uid, series_uid, "
+                             "sop_instance_uid")
+        column, value = given[0]
         query = (Instance.select(Instance, Series, Study, Patient)
                  .join(Series, on=(Instance.series == Series.id))
                  .switch(Instance).join(Study, on=(Instance.study == Study.id))
                  .join(Patient, on=(Study.patient == Patient.id))
-                 .where(Study.study_uid == study_uid)
+                 .where(column == value)
                  .order_by(Series.number, Series.id, Instance.instance_number, Instance.id))
         with self.database.connection_context():
             return [StoredInstance(
@@ -431,7 +491,10 @@ class Store:
                 path=row.path, absolute_path=self.absolute(row.path), size=row.size,
                 sha256=row.sha256, transfer_syntax=row.transfer_syntax,
                 calling_ae=row.calling_ae, address=row.address,
-                received=row.received.replace(tzinfo=UTC), replaced=False)
+                received=row.received.replace(tzinfo=UTC), replaced=False,
+                accession=row.study.accession, study_date=row.study.date,
+                series_number=row.series.number, instance_number=row.instance_number,
+                frames=row.frames)
                 for row in query]
 
     # Sessions --------------------------------------------------------------------------
@@ -545,7 +608,10 @@ class Store:
             patient_name=header.patient_name, modality=header.modality, path=relative,
             absolute_path=self.absolute(relative), size=info.size, sha256=info.sha256,
             transfer_syntax=info.meta.transfer_syntax, calling_ae=origin.calling_ae,
-            address=origin.address, received=received, replaced=replaced is not None)
+            address=origin.address, received=received, replaced=replaced is not None,
+            accession=header.accession, study_date=header.study_date,
+            series_number=header.series_number, instance_number=header.instance_number,
+            frames=header.frames)
         return Outcome(instance)
 
     def _existing(self, sop_instance_uid: str) -> _Existing | None:
@@ -750,6 +816,193 @@ class Store:
             birth_date=_clip(header.birth_date, 16), sex=_clip(header.sex, 16),
             created=now).execute()
 
+    # Retention -------------------------------------------------------------------------
+
+    def purge(self, older_than: timedelta, dry_run: bool = False, *,
+              stop: Callable[[], bool] | None = None) -> PurgeReport:
+        """Remove every study whose last instance arrived (``Study.updated``) more than
+        ``older_than`` ago: whole studies only, one transaction each, the files after
+        the commit. With ``dry_run`` nothing changes and the report says what would go.
+        ``stop``: asked before each study; true ends the purge early.
+
+        Call it with a database connection open (it may take long, and each study's
+        transaction is short so that storing goes on meanwhile).
+        """
+        if older_than <= timedelta(0):
+            raise ValueError(f"older_than must be positive, not {older_than}")
+        cutoff = (_utcnow() - older_than).replace(tzinfo=None)
+        studies = instances = freed = 0
+        uids: list[str] = []
+        with _purge_lock(self.root):
+            if not dry_run:
+                self._finish_purges()
+            candidates = list(Study.select(Study.id, Study.study_uid)
+                              .where(Study.updated < cutoff)
+                              .order_by(Study.updated, Study.id).tuples())
+            for study_id, study_uid in candidates:
+                if stop is not None and stop():
+                    break
+                if dry_run:
+                    count, size = (Instance.select(
+                        peewee.fn.COUNT(Instance.id),
+                        peewee.fn.COALESCE(peewee.fn.SUM(Instance.size), 0))
+                        .where(Instance.study == study_id).scalar(as_tuple=True))
+                else:
+                    removed = self._purge_study(study_id, study_uid, cutoff)
+                    if removed is None:
+                        continue
+                    count, size = removed
+                studies += 1
+                instances += count
+                freed += size
+                uids.append(study_uid)
+        return PurgeReport(studies=studies, instances=instances, bytes_freed=freed,
+                           study_uids=tuple(uids), dry_run=dry_run)
+
+    def _purge_study(self, study_id: int, study_uid: str,
+                     cutoff: datetime) -> tuple[int, int] | None:
+        """Delete one study's rows, then its files. Returns (instances, bytes), or None
+        when the study is gone or received an instance since it was chosen."""
+        lock = not self.is_sqlite  # SQLite: BEGIN IMMEDIATE already holds the write lock
+        journal: Path | None = None
+        with self.transaction():
+            # Looked at again inside the transaction: an instance that arrived since the
+            # study was chosen keeps it (its row is committed before, or after, ours;
+            # after ours it finds no study and makes a new one, with its own file).
+            query = Study.select(Study.id, Study.patient, Study.updated).where(
+                Study.id == study_id)
+            study = (query.for_update() if lock else query).first()
+            if study is None or study.updated >= cutoff:
+                return None
+            patient_id = study.patient_id
+            if lock:  # a new study of the same patient waits for our commit
+                Patient.select(Patient.id).where(Patient.id == patient_id).for_update().first()
+            files = list(Instance.select(Instance.path, Instance.size)
+                         .where(Instance.study == study_id).tuples())
+            self.generation += 1
+            Instance.delete().where(Instance.study == study_id).execute()
+            Series.delete().where(Series.study == study_id).execute()
+            Study.delete().where(Study.id == study_id).execute()
+            studies = Study.select().where(Study.patient == patient_id).count()
+            if studies:
+                Patient.update(num_studies=studies).where(Patient.id == patient_id).execute()
+            else:
+                Patient.delete().where(Patient.id == patient_id).execute()
+            # On disk before the commit: if the process dies after it, the files are
+            # known to be a purged study's and are removed, not indexed again.
+            journal = self._write_journal(study_uid, [path for path, _ in files])
+        self.generation += 1
+        log.debug("storage: purged study %s (%d instances)", study_uid, len(files))
+        self._remove_files(journal, [path for path, _ in files])
+        return len(files), sum(size for _, size in files)
+
+    def _write_journal(self, study_uid: str, files: list[str]) -> Path:
+        if not os.path.isdir(self.purge_dir):
+            self.purge_dir.mkdir(parents=True, exist_ok=True)
+            if self.durable:
+                fsync_dir(self.root)
+        name = f"{os.getpid()}-{secrets.token_hex(8)}"
+        part = self.purge_dir / f"{name}{TMP_SUFFIX}"
+        journal = self.purge_dir / f"{name}{JOURNAL_SUFFIX}"
+        data = json.dumps({"study_uid": study_uid, "files": files}).encode()
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                         0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.durable:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(part, journal)
+            if self.durable:
+                fsync_dir(self.purge_dir)
+        except BaseException:
+            _unlink(part)
+            _unlink(journal)
+            raise
+        return journal
+
+    def _remove_files(self, journal: Path, files: Iterable[str]) -> int:
+        """Remove a purged study's files, flush their folders, then drop the journal
+        (kept when a file could not be removed). Returns the count removed."""
+        removed = 0
+        folders: set[str] = set()
+        left: list[str] = []
+        for relative in files:
+            path = os.fspath(self.absolute(relative))
+            removed += _unlink(path)
+            folders.add(os.path.dirname(path))
+            if os.path.lexists(path):
+                left.append(relative)
+        if self.durable:
+            for folder in sorted(folders):
+                try:
+                    fsync_dir(folder)
+                except FileNotFoundError:
+                    pass
+        if left:
+            log.warning("storage: %d file(s) of a purged study could not be removed; "
+                        "they are listed in %s", len(left), journal)
+        else:
+            _unlink(journal)
+        return removed
+
+    def purge_journals(self) -> list[PurgeJournal]:
+        """The purge journals in the store: purges whose files may not all be gone."""
+        journals = []
+        for entry in _scan(self.purge_dir):
+            if not entry.name.endswith(JOURNAL_SUFFIX) or not entry.is_file():
+                continue
+            try:
+                written = entry.stat().st_mtime
+                with open(entry.path, "rb") as fh:
+                    data = json.load(fh)
+                files = tuple(str(relative) for relative in data["files"])
+                study_uid = str(data.get("study_uid", ""))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("storage: unreadable purge journal %s: %s", entry.path, exc)
+                continue
+            journals.append(PurgeJournal(path=Path(entry.path), study_uid=study_uid,
+                                         files=files, written=written,
+                                         active=_writer_active(entry.name)))
+        return sorted(journals, key=lambda journal: journal.written)
+
+    def purge_leftover(self, journal: PurgeJournal, relative: str) -> bool:
+        """True when ``relative``, listed in ``journal``, is a file the purge left: it
+        exists, no row refers to it, and it was not linked after the journal."""
+        try:
+            stat = os.stat(self.absolute(relative))
+        except FileNotFoundError:
+            return False
+        if stat.st_ctime >= journal.written:
+            return False
+        return not Instance.select().where(Instance.path == relative).exists()
+
+    def finish_purges(self) -> int:
+        """Complete purges interrupted between their commit and the removal of their
+        files (a crash): remove those files. Returns how many were removed."""
+        with _purge_lock(self.root):
+            return self._finish_purges()
+
+    def _finish_purges(self) -> int:
+        removed = 0
+        for entry in _scan(self.purge_dir):
+            if entry.name.endswith(TMP_SUFFIX) and not _writer_active(entry.name):
+                _unlink(entry.path)  # a journal never finished: its transaction never was
+        for journal in self.purge_journals():
+            if journal.active:
+                continue
+            leftovers = [relative for relative in journal.files
+                         if self.purge_leftover(journal, relative)]
+            removed += self._remove_files(journal.path, leftovers)
+        if removed:
+            log.info("storage: removed %d file(s) of studies purged before an interruption",
+                     removed)
+        return removed
+
     def prune(self, series_ids: Iterable[int] = (), study_ids: Iterable[int] = ()) -> None:
         """Recount the given series and their studies and patients, deleting those left
         empty. Call inside a transaction."""
@@ -849,6 +1102,23 @@ def _scan(folder: Path) -> list[os.DirEntry]:
             return list(entries)
     except FileNotFoundError:
         return []
+
+
+_PURGE_LOCKS: dict[str, threading.Lock] = {}
+_PURGE_LOCKS_LOCK = threading.Lock()
+
+
+def _purge_lock(root: Path) -> threading.Lock:
+    """One purge at a time per storage root in this process (worker and command)."""
+    with _PURGE_LOCKS_LOCK:
+        return _PURGE_LOCKS.setdefault(os.fspath(root), threading.Lock())
+
+
+def _writer_active(name: str) -> bool:
+    """True when the journal file ``name`` (``<pid>-...``) belongs to another running
+    process, which may still be at work on it."""
+    pid = name.partition("-")[0]
+    return pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid))
 
 
 def _process_alive(pid: int) -> bool:
