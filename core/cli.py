@@ -16,7 +16,7 @@ import attrs
 import click
 
 from dicomgate import __version__
-from dicomgate.config import Config, read_config
+from dicomgate.config import Config, profile_names, profile_path, read_config
 from dicomgate.errors import UsageError
 from dicomgate.gateway import Gateway, collect_settings, configure
 from dicomgate.manager import Plugins, blocked_from_environment, installed_plugins
@@ -42,7 +42,7 @@ def load_config() -> Config:
     """The config of the current command: its ``--config``, the root one, or defaults."""
     ctx = click.get_current_context()
     path = ctx.params.get("config_file") or _state().config_path
-    return read_config(path)
+    return read_config(path, profile=ctx.params.get("profile"))
 
 
 def load_plugins(config: Config) -> Plugins:
@@ -84,6 +84,11 @@ def parse_destination(destination: str, config: Config, called_aet: str | None =
 config_option = click.option(
     "--config", "-c", "config_file", type=click.Path(dir_okay=False, path_type=Path),
     envvar=CONFIG_ENV, help=f"Clinic config file (TOML) [env: {CONFIG_ENV}].")
+
+profile_option = click.option(
+    "--profile", type=click.Choice(profile_names()),
+    help="Build on a shipped profile (no-pacs: storage, worklist, MPPS and JPEG export "
+         "with retention); a config file's own values override it.")
 
 
 class _PluginCommands(click.Group):
@@ -150,21 +155,24 @@ def _setup_logging(config: Config) -> None:
 @click.option("--ae-title", help="The gateway's AE title [default: DICOMGATE].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where files and the embedded database live [default: ./dicomgate-data].")
+@profile_option
 def serve(config_file: Path | None, host: str | None, port: int | None, ae_title: str | None,
-          data_dir: Path | None) -> None:
+          data_dir: Path | None, profile: str | None) -> None:
     """Run the gateway until SIGINT or SIGTERM.
 
     Without a config file it runs on the stated defaults, with every installed plugin
-    and any calling peer accepted.
+    (or the profile's) and any calling peer accepted.
     """
     from dicomgate.server import Server
 
     config = load_config().with_overrides(host=host, port=port, ae_title=ae_title,
                                           data_dir=data_dir)
     _setup_logging(config)
-    if config.source is None:
+    if config.source is None or config.source.startswith("profile "):
         logging.getLogger("dicomgate").warning(
-            "no config file: running on defaults (AE title %s, port %d, data in %s)",
+            "no config file: running on defaults%s (AE title %s, port %d, data in %s); any "
+            "calling AE title is accepted",
+            f" of profile {config.gateway.profile}" if config.gateway.profile else "",
             config.gateway.ae_title, config.gateway.port, config.gateway.data_dir.resolve())
     plugins = load_plugins(config)
     gateway = Gateway.open(configure(config, plugins), plugins)
@@ -211,8 +219,13 @@ def config_group() -> None:
 
 
 @config_group.command()
-def example() -> None:
-    """Print a complete, commented example config (core and every installed plugin)."""
+@profile_option
+def example(profile: str | None) -> None:
+    """Print a complete, commented example config (core and every installed plugin), or
+    the file of a profile, which a clinic's config can build on."""
+    if profile:
+        click.echo(profile_path(profile).read_text(encoding="utf-8"), nl=False)
+        return
     plugins = Plugins()
     plugins.load(blocked=_state().blocked)
     text = EXAMPLE.read_text(encoding="utf-8")

@@ -24,6 +24,23 @@ DEFAULT_AE_TITLE = "DICOMGATE"
 DEFAULT_PORT = 11112
 DEFAULT_DATA_DIR = Path("dicomgate-data")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Profiles are config files shipped with dicomgate that a clinic's config builds on.
+PROFILES_DIR = Path(__file__).with_name("profiles")
+
+
+def profile_names() -> tuple[str, ...]:
+    """The profiles this dicomgate ships (``no-pacs`` ...)."""
+    return tuple(sorted(path.stem for path in PROFILES_DIR.glob("*.toml")))
+
+
+def profile_path(name: str) -> Path:
+    """The shipped file of profile ``name``; a name that is not shipped is a ConfigError.
+    The name is looked up among the shipped files, never joined into a path."""
+    for path in PROFILES_DIR.glob("*.toml"):
+        if path.stem == name:
+            return path
+    raise ConfigError(f"gateway.profile: unknown profile {name!r} (shipped: "
+                      f"{', '.join(profile_names()) or 'none'})")
 
 
 def _ae_title(instance: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -52,6 +69,8 @@ class GatewaySettings:
     #: that for speed, losing the last seconds of work on a power cut: benchmarks only.
     durable: bool = True
     log_level: str = attrs.field(default="INFO", validator=one_of(*LOG_LEVELS))
+    #: The shipped profile this config builds on ("" none; see ``profile_names()``).
+    profile: str = ""
 
     @property
     def database_url(self) -> str:
@@ -177,18 +196,46 @@ _CORE_SECTIONS = {"gateway": GatewaySettings, "limits": Limits, "plugins": Plugi
 _PEER_KEYS = {field.name for field in attrs.fields(Peer)} - {"settings"}
 
 
-def read_config(path: Path | None) -> Config:
-    """Read and check a config file; ``None`` gives the stated defaults of a bare start."""
+def read_config(path: Path | None, profile: str | None = None) -> Config:
+    """Read and check a config file; ``None`` gives the stated defaults of a bare start.
+
+    A profile (``profile``, else the file's ``[gateway] profile``) is read first and
+    the file's values override it: tables merge key by key, other values replace.
+    """
+    raw = {} if path is None else _read_toml(path)
+    gateway = raw.get("gateway")
+    name = profile or (gateway.get("profile") if isinstance(gateway, dict) else None)
+    if name:
+        if not isinstance(name, str):
+            raise ConfigError("gateway.profile: expected a string", source=str(path))
+        raw = _merged(_read_toml(profile_path(name)), raw)
+        raw.setdefault("gateway", {})["profile"] = name
     if path is None:
-        return Config(gateway=GatewaySettings(accept_unknown_peers=True))
+        # A bare start (no file of the clinic's) accepts any calling peer, warned.
+        raw.setdefault("gateway", {}).setdefault("accept_unknown_peers", True)
+        if not name:
+            return Config(gateway=GatewaySettings(accept_unknown_peers=True))
+    return parse_config(raw, source=str(path) if path else f"profile {name}")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+            return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"no such file: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(raw, source=str(path))
+
+
+def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_config(raw: Mapping[str, Any], source: str = "config") -> Config:
