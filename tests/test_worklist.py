@@ -4,6 +4,7 @@ lifecycle, limits, C-CANCEL, the adjust hook, and queries as real devices send t
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 import pytest
@@ -191,7 +192,18 @@ def test_max_answers_returns_the_first_items_then_success(dicomgate_start, caplo
     assert len(answers(gw.port, "MR1")) == 5
 
 
-def test_c_cancel_stops_the_answers(dicomgate_start):
+def test_c_cancel_stops_the_answers(dicomgate_start, monkeypatch):
+    from dicomgate.services import Request
+
+    # The handler only queues answers, faster than a C-CANCEL can come back over the
+    # network; a slow link (2 ms an answer) makes the race the test needs certain.
+    checked = Request.is_cancelled
+
+    def slow_link(self):
+        time.sleep(0.002)
+        return checked(self)
+
+    monkeypatch.setattr(Request, "is_cancelled", slow_link)
     gw = start(dicomgate_start, settings={"max_answers": 0})
     api.add_orders(gw.gateway, [order(f"A{n:04d}") for n in range(1500)], source="test",
                    records=False)
