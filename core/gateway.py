@@ -54,7 +54,7 @@ class Gateway:
 
     Plugins receive it in hooks and handlers. Stable attributes: ``config``,
     ``hook``, ``database``, ``peers``, ``services``, ``data_dir``, ``ae_title``,
-    :meth:`settings` and :meth:`plugin_object`.
+    :meth:`settings`, :meth:`plugin_object` and :meth:`collect_named`.
     """
 
     config: Config
@@ -111,6 +111,25 @@ class Gateway:
             if key not in self._plugin_objects:
                 self._plugin_objects[key] = create(self)
             return self._plugin_objects[key]
+
+    def collect_named(self, hook_name: str, kind: str, method: str,
+                      max_length: int = 64) -> dict[str, Any]:
+        """Call a ``register_*`` hook whose ``register(name, thing)`` offers named
+        objects (notifiers, renderers) and return them by name. A bad or repeated
+        name, or an object without ``method``, is a PluginError naming the hook."""
+        found: dict[str, Any] = {}
+
+        def register(name: str, thing: Any) -> None:
+            if not isinstance(name, str) or not name or len(name) > max_length:
+                raise PluginError(f"{hook_name}: bad {kind} name {name!r}")
+            if name in found:
+                raise PluginError(f"{hook_name}: two {kind}s named {name!r}")
+            if not callable(getattr(thing, method, None)):
+                raise PluginError(f"{hook_name}: {kind} {name!r} has no {method}() method")
+            found[name] = thing
+
+        getattr(self.hook, hook_name)(register=register, gateway=self)
+        return found
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call every implementation of a notification hook; one failing does not stop

@@ -35,20 +35,8 @@ class Exporter:
         """Every renderer the plugins registered (``register_renderers``), by name."""
         with self._lock:
             if self._renderers is None:
-                found: dict[str, Any] = {}
-
-                def register(name: str, renderer: Any) -> None:
-                    if not isinstance(name, str) or not name or len(name) > 32:
-                        raise PluginError(f"register_renderers: bad renderer name {name!r}")
-                    if name in found:
-                        raise PluginError(f"register_renderers: two renderers named {name!r}")
-                    if not callable(getattr(renderer, "render", None)):
-                        raise PluginError(f"register_renderers: renderer {name!r} has no "
-                                          "render(path, options) method")
-                    found[name] = renderer
-
-                self.gateway.hook.register_renderers(register=register, gateway=self.gateway)
-                self._renderers = found
+                self._renderers = self.gateway.collect_named("register_renderers",
+                                                             "renderer", "render", 32)
             return self._renderers
 
     def renderers(self) -> dict[str, Any]:

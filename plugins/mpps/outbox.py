@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 import peewee
 
-from dicomgate import PluginError, __version__
+from dicomgate import __version__
 from dicomgate.db import write_transaction
 from dicomgate.plugins.mpps.models import (
     DEAD,
@@ -110,20 +110,8 @@ class Outbox:
         """Every notifier the plugins registered (``register_notifiers``), by name."""
         with self._lock:
             if self._notifiers is None:
-                found: dict[str, Any] = {}
-
-                def register(name: str, notifier: Any) -> None:
-                    if not isinstance(name, str) or not name or len(name) > 64:
-                        raise PluginError(f"register_notifiers: bad notifier name {name!r}")
-                    if name in found:
-                        raise PluginError(f"register_notifiers: two notifiers named {name!r}")
-                    if not callable(getattr(notifier, "deliver", None)):
-                        raise PluginError(f"register_notifiers: notifier {name!r} has no "
-                                          "deliver(event) method")
-                    found[name] = notifier
-
-                self.gateway.hook.register_notifiers(register=register, gateway=self.gateway)
-                self._notifiers = found
+                self._notifiers = self.gateway.collect_named("register_notifiers",
+                                                             "notifier", "deliver")
             return self._notifiers
 
     # Writing -----------------------------------------------------------------------------
