@@ -170,8 +170,7 @@ def serve(config_file: Path | None, host: str | None, port: int | None, ae_title
     _setup_logging(config)
     if config.source is None or config.source.startswith("profile "):
         logging.getLogger("dicomgate").warning(
-            "no config file: running on defaults%s (AE title %s, port %d, data in %s); any "
-            "calling AE title is accepted",
+            "no config file: running on defaults%s (AE title %s, port %d, data in %s)",
             f" of profile {config.gateway.profile}" if config.gateway.profile else "",
             config.gateway.ae_title, config.gateway.port, config.gateway.data_dir.resolve())
     plugins = load_plugins(config)
