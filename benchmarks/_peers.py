@@ -6,7 +6,9 @@
 * sending with DCMTK ``storescu`` (one or several associations) and reading what it
   acknowledged,
 * reading a process's memory and CPU figures from ``/proc``,
-* counting a receiver's fsync-family system calls with ``strace``.
+* counting a receiver's fsync-family system calls with ``strace``,
+* reading how far dicomgate's JPEG export got (its SQLite index, read-only, and the
+  picture files).
 
 Everything here talks to the receivers only over loopback and only through their
 public interfaces (DICOM, Orthanc's REST API, dicomgate's command line and its SQLite
@@ -495,6 +497,23 @@ def storage_plugin_status() -> str | None:
     return None
 
 
+def jpeg_plugin_status() -> str | None:
+    """None when dicomgate has the JPEG export plugin; otherwise why not."""
+    plugins = dicomgate_plugins()
+    if not plugins:
+        return "dicomgate not runnable"
+    if "jpeg" not in plugins:
+        return "jpeg plugin missing"
+    return None
+
+
+#: ``[jpeg]`` of the ``dicomgate-export`` receiver: documents fall due half a second
+#: after the association that brought a study's last images (no MPPS in the benchmark),
+#: one worker thread, full-size pictures.
+EXPORT_JPEG_SETTINGS = {"quiet_seconds": 0.5, "settle_seconds": 0.5, "poll_interval": 0.5,
+                        "workers": 1, "max_size": 0}
+
+
 class Dicomgate(Receiver):
     """``dicomgate serve`` with a generated TOML config and the storage plugin."""
 
@@ -503,15 +522,20 @@ class Dicomgate(Receiver):
     ae_title = "DICOMGATE"
 
     def __init__(self, workdir: Path, *, durable: bool | None = True, max_pdu: int = 262_144,
-                 **kwargs):
+                 jpeg: dict[str, float | int] | None = None, **kwargs):
         super().__init__(workdir, **kwargs)
         #: ``[gateway] durable``; None leaves it out of the config (the default, true)
         self.durable = durable
         self.pdu = max_pdu
+        #: ``[jpeg]`` settings; not None enables the JPEG export plugin with them
+        self.jpeg = jpeg
         if durable is False:
             self.name = "dicomgate-nofsync"
             self.label = "dicomgate (durable=false)"
-            self.log_path = workdir / f"{self.name}.log"
+        if jpeg is not None:
+            self.name = "dicomgate-export" if durable is not False else "dicomgate-nofsync-export"
+            self.label += " + JPEG export"
+        self.log_path = workdir / f"{self.name}.log"
 
     @property
     def data_dir(self) -> Path:
@@ -536,8 +560,11 @@ class Dicomgate(Receiver):
             f"max_pdu = {self.pdu}",
             "",
             "[plugins]",
-            'enabled = ["verification", "storage"]',
+            'enabled = ["verification", "storage"'
+            + (', "jpeg"]' if self.jpeg is not None else "]"),
             "",
+            *(["[jpeg]", *(f"{key} = {value}" for key, value in self.jpeg.items()), ""]
+              if self.jpeg is not None else []),
             "[[peers]]",
             f'ae_title = "{BENCH_AET}"',
             'host = "127.0.0.1"',
@@ -579,7 +606,18 @@ class Dicomgate(Receiver):
     def max_pdu(self) -> str:
         return "unlimited" if self.pdu == 0 else str(self.pdu)
 
+    @property
+    def pictures_root(self) -> Path:
+        """``[jpeg] root`` at its default: ``jpeg/`` in the data folder."""
+        return self.data_dir / "jpeg"
+
     def durability(self) -> Durability:
+        if self.jpeg is not None and self.durable is not False:
+            return Durability(
+                "fsync ([gateway] durable=true)",
+                "the same C-STORE path as dicomgate (fsync); the JPEG plugin adds one small "
+                "transaction per study after the association ended, and writes each picture "
+                "durably (file and folder flushed) in its worker thread.")
         if self.durable is False:
             return Durability(
                 "no fsync ([gateway] durable=false)",
@@ -615,6 +653,71 @@ def instance_tables(db_path: Path) -> list[tuple[str, int]]:
         conn.close()
 
 
+@dataclass
+class ExportProgress:
+    """How far dicomgate's JPEG export got, from its SQLite index."""
+
+    documents: dict[str, int] = field(default_factory=dict)   # state -> count
+    pictures: int = 0
+    failures: int = 0
+    covered: int = 0   # distinct instances with a picture or a recorded failure
+
+    @property
+    def pending(self) -> int:
+        return self.documents.get("collecting", 0) + self.documents.get("rendering", 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.documents.values())
+
+
+class ExportReader:
+    """A read-only connection to dicomgate's index for polling ``jpeg_document`` and
+    ``jpeg_picture`` while the server runs (WAL: readers never block its writes; every
+    query is its own snapshot)."""
+
+    def __init__(self, data_dir: Path):
+        self.db_path = data_dir / "index.sqlite"
+        self._conn: sqlite3.Connection | None = None
+
+    def __enter__(self) -> ExportReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def read(self) -> ExportProgress:
+        if self._conn is None:
+            if not self.db_path.exists():
+                return ExportProgress()
+            self._conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30,
+                                         isolation_level=None, check_same_thread=False)
+        conn = self._conn
+        progress = ExportProgress()
+        progress.documents = dict(conn.execute(
+            "SELECT state, count(*) FROM jpeg_document GROUP BY state").fetchall())
+        (progress.pictures,) = conn.execute("SELECT count(*) FROM jpeg_picture").fetchone()
+        (progress.failures,) = conn.execute("SELECT count(*) FROM jpeg_failure").fetchone()
+        (progress.covered,) = conn.execute(
+            "SELECT count(*) FROM (SELECT sop_instance_uid FROM jpeg_picture "
+            "UNION SELECT sop_instance_uid FROM jpeg_failure)").fetchone()
+        return progress
+
+
+def picture_file_times(root: Path) -> list[float]:
+    """Modification times (epoch seconds) of the finished pictures under ``root``:
+    each is written to a temporary name and renamed once flushed, so its mtime is the
+    moment its data was written."""
+    times = []
+    if root.exists():
+        for path in root.rglob("*.jpg"):
+            with contextlib.suppress(OSError):
+                times.append(path.stat().st_mtime)
+    return sorted(times)
+
+
 def count_index_rows(data_dir: Path) -> int | None:
     """Rows of the instance table of dicomgate's SQLite index (None: none found)."""
     tables = instance_tables(data_dir / "index.sqlite")
@@ -648,6 +751,7 @@ class SendResult:
     nodelay: bool
     seconds: float = 0.0           # first "Requesting Association" to the last exit
     process_seconds: float = 0.0   # spawn of the first storescu to the last exit
+    ended: float = 0.0             # time.time() of the last storescu's exit
     success: int = 0
     warning: int = 0
     failed: int = 0
@@ -739,6 +843,7 @@ def send(files: Sequence[Path], port: int, called_aet: str, *, associations: int
             elif level in ("ERROR", "FATAL") and len(result.errors) < 5:
                 result.errors.append(message)
     last_end = max(ends.values()) if ends else time.time()
+    result.ended = last_end
     result.process_seconds = last_end - spawned
     result.seconds = last_end - (first_request if first_request is not None else spawned)
     return result

@@ -9,6 +9,11 @@ each peer. See benchmarks/README.md.
 
     .venv/bin/python benchmarks/ingest.py                      # full run (~7 min)
     .venv/bin/python benchmarks/ingest.py --large 100 --small 300   # quick run (~3 min)
+    .venv/bin/python benchmarks/ingest.py --export ...         # + dicomgate with JPEG export
+
+``dicomgate-export`` is dicomgate (fsync) with the JPEG export plugin on; besides the
+ingest figures its rows say how long after the end of the send the last document was
+ready, and how many pictures were made.
 """
 
 from __future__ import annotations
@@ -30,10 +35,16 @@ from _peers import (  # noqa: E402
 )
 
 HERE = Path(__file__).resolve().parent
+#: Receivers of a run without --receivers.
 RECEIVERS = ("storescp", "orthanc", "dicomgate", "dicomgate-nofsync")
+#: Every receiver, in table order: dicomgate-export only with --export or --receivers
+#: (it waits for its pictures after each send, which makes a full run longer).
+ALL_RECEIVERS = ("storescp", "orthanc", "dicomgate", "dicomgate-nofsync", "dicomgate-export")
+EXPORT = "dicomgate-export"
 PEERS = ("storescp", "orthanc")
 LABELS = {"storescp": "DCMTK storescp", "orthanc": "Orthanc",
-          "dicomgate": "dicomgate (fsync)", "dicomgate-nofsync": "dicomgate (no fsync)"}
+          "dicomgate": "dicomgate (fsync)", "dicomgate-nofsync": "dicomgate (no fsync)",
+          EXPORT: "dicomgate (export)"}
 
 
 @dataclass
@@ -76,10 +87,41 @@ class Row:
     max_pdu: str = ""
     error: str = ""
     runs: list[float] = field(default_factory=list)
+    # JPEG export (dicomgate-export only), all measured after the send's figures:
+    #: seconds from the last storescu's exit until no document was collecting/rendering
+    export_seconds: float | None = None
+    export_documents: dict[str, int] | None = None
+    pictures: int | None = None
+    picture_failures: int | None = None
+    #: first to last picture file written (their mtimes), and how many were written
+    #: before the send ended
+    render_span_seconds: float | None = None
+    pictures_before_send_end: int | None = None
+    #: receiver's VmHWM once the export finished, and its CPU seconds from the end of
+    #: the send to then
+    export_peak_mb: float | None = None
+    export_cpu_seconds: float | None = None
+    export_runs: list[float] = field(default_factory=list)
+    #: what went wrong with the export (the ingest figures stand on their own)
+    export_error: str = ""
 
     @property
     def ok(self) -> bool:
         return not self.error and self.seconds is not None
+
+    @property
+    def pictures_per_s(self) -> float | None:
+        """Pictures / seconds from the end of the send until every document was ready."""
+        if self.pictures is None or not self.export_seconds:
+            return None
+        return self.pictures / self.export_seconds
+
+    @property
+    def render_pictures_per_s(self) -> float | None:
+        """Pictures / seconds from the first picture file written to the last."""
+        if not self.pictures or not self.render_span_seconds:
+            return None
+        return self.pictures / self.render_span_seconds
 
     @property
     def images_per_s(self) -> float | None:
@@ -105,7 +147,63 @@ def make_receiver(name: str, workdir: Path, args, strace_out: Path | None = None
         return Dicomgate(workdir, durable=True, max_pdu=args.dicomgate_max_pdu, **common)
     if name == "dicomgate-nofsync":
         return Dicomgate(workdir, durable=False, max_pdu=args.dicomgate_max_pdu, **common)
+    if name == EXPORT:
+        return Dicomgate(workdir, durable=True, max_pdu=args.dicomgate_max_pdu,
+                         jpeg=_peers.EXPORT_JPEG_SETTINGS, **common)
     raise ValueError(name)
+
+
+def wait_for_export(receiver: Dicomgate, row: Row, sent: SendResult, args) -> None:
+    """After a send to dicomgate-export: poll its index (read-only) until no document
+    is collecting or rendering and every acknowledged image has a picture (or a
+    recorded failure), then note the time since the last storescu exited, the
+    pictures, and the receiver's memory and CPU. The receiver keeps running meanwhile.
+
+    The picture check is there because the plugin hears of a study only once the
+    association that brought its images has ended, a moment after storescu exited:
+    right after the send there can be no document yet, or a ready one that is about
+    to learn of more images."""
+    pid = receiver.pid
+    cpu_start = _peers.cpu_seconds(pid)
+    expected = sent.acknowledged
+    deadline = time.monotonic() + args.export_timeout
+    last_seen, stalled_since = None, None
+    with _peers.ExportReader(receiver.data_dir) as reader:
+        while True:
+            progress = reader.read()
+            now = time.time()
+            finished = progress.total and not progress.pending
+            if finished and progress.covered >= expected:
+                break
+            seen = (tuple(sorted(progress.documents.items())), progress.covered)
+            if finished and seen == last_seen:
+                # Nothing pending, images without a picture, and no change: the export
+                # is not going to make them (instances it skips, a lost hook...).
+                if now - stalled_since > args.export_stall:
+                    row.export_error = (f"export stopped with {progress.covered}/{expected} images "
+                                 f"rendered or failed")
+                    break
+            else:
+                last_seen, stalled_since = seen, now
+            if time.monotonic() > deadline:
+                row.export_error = (f"export not done after {args.export_timeout:.0f} s: documents "
+                             f"{progress.documents}, {progress.covered}/{expected} images")
+                break
+            time.sleep(args.export_poll)
+    row.export_seconds = now - sent.ended
+    row.export_documents = progress.documents
+    row.pictures = progress.pictures
+    row.picture_failures = progress.failures
+    if progress.failures and not row.export_error:
+        row.export_error = f"{progress.failures} image(s) could not be rendered"
+    row.export_peak_mb = _peers.proc_status(pid).get("VmHWM", 0) / 1024 or None
+    cpu_end = _peers.cpu_seconds(pid)
+    if cpu_start is not None and cpu_end is not None:
+        row.export_cpu_seconds = cpu_end - cpu_start
+    times = _peers.picture_file_times(receiver.pictures_root)
+    if times:
+        row.render_span_seconds = times[-1] - times[0]
+        row.pictures_before_send_end = sum(1 for moment in times if moment < sent.ended)
 
 
 def run_one(scenario: Scenario, name: str, args, run_root: Path) -> Row:
@@ -137,6 +235,12 @@ def run_one(scenario: Scenario, name: str, args, run_root: Path) -> Row:
         cpu_after = _peers.cpu_seconds(pid)
         row.cpu_seconds = None if cpu_after is None else cpu_after - cpu_before
         row.stored = receiver.stored_count()
+        if name == EXPORT:
+            # Before stop(): the server must finish the pictures it was making.
+            try:
+                wait_for_export(receiver, row, result, args)
+            except Exception as exc:
+                row.export_error = f"measuring the export failed: {type(exc).__name__}: {exc}"
     except Exception as exc:  # one receiver failing must not end the run
         row.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -258,7 +362,7 @@ def print_tables(scenarios: list[Scenario], rows: list[Row], out=sys.stdout) -> 
     for scenario in scenarios:
         print(f"\n[{scenario.key}] {scenario.title()}", file=out)
         print(header, file=out)
-        for name in RECEIVERS:
+        for name in ALL_RECEIVERS:
             row = by_key.get((scenario.key, name))
             if row is None:
                 continue
@@ -295,6 +399,34 @@ def print_tables(scenarios: list[Scenario], rows: list[Row], out=sys.stdout) -> 
               f"{ratio(scenario.key, 'dicomgate', 'orthanc'):>12}"
               f"{ratio(scenario.key, 'dicomgate-nofsync', 'orthanc'):>20}", file=out)
 
+    export_rows = [(scenario, by_key[(scenario.key, EXPORT)]) for scenario in scenarios
+                   if (scenario.key, EXPORT) in by_key]
+    if not export_rows:
+        return
+    quiet = _peers.EXPORT_JPEG_SETTINGS["quiet_seconds"]
+    print(f"\nJPEG export: dicomgate (export) is dicomgate (fsync) with the jpeg plugin "
+          f"([jpeg] quiet_seconds {quiet}, 1 worker, full size). A study's document falls "
+          f"due {quiet} s after the association that brought its last images ended.", file=out)
+    print("  on/off = ingest time with export / without (dicomgate (fsync)); export s = "
+          "from the last storescu's exit until no document is collecting or rendering; "
+          "pic/s = pictures / export s; render s = first to last picture file written; "
+          "in send = pictures written before the send ended; peak MB = VmHWM after the "
+          "send / after the export; CPU s = receiver's CPU during the export.", file=out)
+    print(f"  {'scenario':<16}{'on/off':>8}{'export s':>10}{'docs':>6}{'pictures':>10}"
+          f"{'pic/s':>8}{'render s':>10}{'render pic/s':>14}{'in send':>9}"
+          f"{'peak MB':>12}{'CPU s':>7}", file=out)
+    for scenario, row in export_rows:
+        docs = None if row.export_documents is None else sum(row.export_documents.values())
+        peaks = f"{fmt(row.peak_mb, '.0f')}/{fmt(row.export_peak_mb, '.0f')}"
+        print(f"  {scenario.key:<16}{ratio(scenario.key, EXPORT, 'dicomgate'):>8}"
+              f"{fmt(row.export_seconds):>10}{fmt(docs, 'd'):>6}{fmt(row.pictures, 'd'):>10}"
+              f"{fmt(row.pictures_per_s, '.0f'):>8}{fmt(row.render_span_seconds):>10}"
+              f"{fmt(row.render_pictures_per_s, '.0f'):>14}"
+              f"{fmt(row.pictures_before_send_end, 'd'):>9}{peaks:>12}"
+              f"{fmt(row.export_cpu_seconds, '.1f'):>7}", file=out)
+        if row.export_error:
+            print(f"  {'':<16}!! {row.export_error}", file=out)
+
 
 def print_notes(rows: list[Row], args, durability: dict, huge: dict | None, out=sys.stdout):
     pdus = {}
@@ -314,8 +446,13 @@ def print_notes(rows: list[Row], args, durability: dict, huge: dict | None, out=
         "dicomgate": f"dicomgate serve, plugins verification+storage, [gateway] durable=true, "
                      f"max PDU {pdus.get('dicomgate', '?')}; peak memory is the serve process's",
         "dicomgate-nofsync": "dicomgate serve as above with [gateway] durable=false",
+        EXPORT: "dicomgate (fsync) plus the jpeg plugin: "
+                + ", ".join(f"{key}={value}" for key, value in
+                            _peers.EXPORT_JPEG_SETTINGS.items())
+                + "; stopped only once its documents are ready (not in the strace check: "
+                  "its C-STORE path is dicomgate (fsync)'s)",
     }
-    for name in RECEIVERS:
+    for name in ALL_RECEIVERS:
         if name in pdus:
             print(f"  {LABELS[name]:<22}{notes[name]}", file=out)
     if durability:
@@ -365,7 +502,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the ~1 GB instance scenario (default: on unless --large or "
                              "--small scale the run down)")
     parser.add_argument("--receivers", default=",".join(RECEIVERS),
-                        help=f"comma-separated subset of {', '.join(RECEIVERS)}")
+                        help=f"comma-separated subset of {', '.join(ALL_RECEIVERS)}")
+    parser.add_argument("--export", action="store_true",
+                        help=f"also run {EXPORT} (dicomgate (fsync) with the JPEG export "
+                             "plugin), and dicomgate (fsync) to compare it with")
+    parser.add_argument("--export-timeout", type=float, default=600.0,
+                        help="seconds after a send that dicomgate-export may take to make "
+                             "its documents")
+    parser.add_argument("--export-poll", type=float, default=0.05,
+                        help="seconds between two looks at dicomgate-export's index")
+    parser.add_argument("--export-stall", type=float, default=10.0,
+                        help="give up when nothing is pending and images still lack a "
+                             "picture for this long")
     parser.add_argument("--scenarios", default="",
                         help="comma-separated scenario keys to run (default: all)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -432,7 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _peers.install_cleanup()
     receivers = [name.strip() for name in args.receivers.split(",") if name.strip()]
-    unknown = set(receivers) - set(RECEIVERS)
+    if args.export:
+        receivers += [name for name in ("dicomgate", EXPORT) if name not in receivers]
+    receivers = [name for name in ALL_RECEIVERS if name in receivers] + [
+        name for name in receivers if name not in ALL_RECEIVERS]
+    unknown = set(receivers) - set(ALL_RECEIVERS)
     if unknown:
         log(f"unknown receivers: {', '.join(sorted(unknown))}")
         return 2
@@ -455,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         missing = _peers.storage_plugin_status()
         if missing:
             log(f"dicomgate: {missing}; its columns report that, the peers still run")
+    missing_jpeg = None
+    if EXPORT in receivers and not missing:
+        missing_jpeg = _peers.jpeg_plugin_status()
+        if missing_jpeg:
+            log(f"{EXPORT}: {missing_jpeg}; its rows report that")
     versions = _peers.tool_versions()
 
     rows: list[Row] = []
@@ -462,9 +619,10 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in scenarios:
             log(f"\n== {scenario.key}: {scenario.title()}")
             for name in receivers:
-                if name.startswith("dicomgate") and missing:
+                why = missing or (missing_jpeg if name == EXPORT else None)
+                if name.startswith("dicomgate") and why:
                     row = Row(scenario.key, name, len(scenario.files), scenario.bytes,
-                              error=missing)
+                              error=why)
                     placeholder = make_receiver(name, run_root / "x", args)
                     row.durability = placeholder.durability().summary
                     row.max_pdu = placeholder.max_pdu()
@@ -477,11 +635,17 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"   {LABELS[name]:<22} {fmt(row.seconds)} s  acked "
                         f"{fmt(row.acknowledged, 'd')}/{row.images}  stored "
                         f"{fmt(row.stored, 'd')}  peak {fmt(row.peak_mb, '.0f')} MB"
-                        + (f"  !! {row.error}" if row.error else ""))
+                        + (f"  export {fmt(row.export_seconds)} s, {fmt(row.pictures, 'd')} "
+                           f"pictures, peak {fmt(row.export_peak_mb, '.0f')} MB"
+                           if name == EXPORT else "")
+                        + (f"  !! {row.error}" if row.error else "")
+                        + (f"  !! export: {row.export_error}" if row.export_error else ""))
                 good = [row for row in attempts if row.seconds is not None] or attempts
                 good.sort(key=lambda row: row.seconds or 0)
                 chosen = good[len(good) // 2]
                 chosen.runs = [row.seconds for row in attempts if row.seconds is not None]
+                chosen.export_runs = [row.export_seconds for row in attempts
+                                      if row.export_seconds is not None]
                 rows.append(chosen)
 
         huge = None
@@ -495,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
 
         durability = {}
         if args.durability_check:
-            names = [n for n in receivers if not (n.startswith("dicomgate") and missing)]
+            names = [n for n in receivers
+                     if not (n.startswith("dicomgate") and missing) and n != EXPORT]
             if _peers.STRACE and names and data.small:
                 log("\n== durability: counting fsync calls with strace")
                 durability = durability_check(names, data.small[:20], args, run_root)
@@ -540,7 +705,11 @@ def main(argv: list[str] | None = None) -> int:
             "scenarios": [{"key": s.key, "title": s.title(), "images": len(s.files),
                            "bytes": s.bytes, "associations": s.associations,
                            "nodelay": s.nodelay} for s in scenarios],
-            "rows": [dict(asdict(row), images_per_s=row.images_per_s, mb_per_s=row.mb_per_s)
+            "rows": [dict(asdict(row), images_per_s=row.images_per_s, mb_per_s=row.mb_per_s,
+                          **({"pictures_per_s": row.pictures_per_s,
+                              "render_pictures_per_s": row.render_pictures_per_s,
+                              "export_settings": _peers.EXPORT_JPEG_SETTINGS}
+                             if row.receiver == EXPORT else {}))
                      for row in rows],
             "huge": huge,
             "durability": durability,
@@ -549,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str))
         log(f"results written to {args.json}")
-    return 0 if all(row.ok for row in rows) else 1
+    return 0 if all(row.ok and not row.export_error for row in rows) else 1
 
 
 if __name__ == "__main__":
