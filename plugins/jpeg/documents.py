@@ -42,8 +42,8 @@ from dicomgate.plugins.jpeg.settings import FILES, JpegSettings, parse_window
 
 log = logging.getLogger("dicomgate.jpeg")
 
-#: A worker renews its claim on a document after every image; a claim older than
-#: this is a worker that died, and the document is taken again.
+#: A worker renews its claim on a document while it renders (every quarter of this);
+#: a claim older than this is a worker that died, and the document is taken again.
 LEASE = timedelta(minutes=2)
 _EXTENSION = re.compile(r"\.[a-z0-9]{1,8}")
 
@@ -284,6 +284,7 @@ def build(gateway: Any, document_pk: int, renderers: Mapping[str, Any],
     failures: dict[tuple[str, str], str] = {}
     rendered: set[tuple[str, str]] = set()
     root = pictures_root(gateway)
+    renewed = utcnow()
     try:
         for instance in instances:
             uid = str(instance.sop_instance_uid)
@@ -302,7 +303,8 @@ def build(gateway: Any, document_pk: int, renderers: Mapping[str, Any],
                 rendered.add((uid, name))
                 for image in images:
                     made.append(_write(root, document, instance, name, image, durable))
-            _renew_claim(gateway, document.id)
+            if utcnow() - renewed > LEASE / 4:
+                renewed = _renew_claim(gateway, document.id)
         return _record(gateway, document, revision, instances, made, rendered, failures)
     except BaseException:
         remove_durably([m.absolute for m in made], durable)
@@ -324,9 +326,11 @@ def _write(root: Path, document: Document, instance: Any, renderer: str, image: 
                 hashlib.sha256(image.data).hexdigest())
 
 
-def _renew_claim(gateway: Any, document_pk: int) -> None:
+def _renew_claim(gateway: Any, document_pk: int) -> datetime:
+    now = utcnow()
     with write_transaction(gateway.database):
-        Document.update(claimed=utcnow()).where(Document.id == document_pk).execute()
+        Document.update(claimed=now).where(Document.id == document_pk).execute()
+    return now
 
 
 def _record(gateway: Any, document: Document, revision: int, instances: Sequence[Any],
