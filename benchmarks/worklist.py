@@ -250,11 +250,13 @@ def measure(port: int, called: str, queries: int, today: date, warmup: int = 3,
     assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     query = device_query(today, patient_id)
     times, answers = [], set()
-    cpu_before = 0.0
+    cpu_before = client_before = 0.0
     try:
         for number in range(warmup + queries):
-            if number == warmup and server_pid:
-                cpu_before = cpu_seconds(server_pid)
+            if number == warmup:
+                client_before = time.process_time()
+                if server_pid:
+                    cpu_before = cpu_seconds(server_pid)
             started = time.perf_counter()
             responses = list(assoc.send_c_find(query, MWL))
             elapsed = time.perf_counter() - started
@@ -265,10 +267,13 @@ def measure(port: int, called: str, queries: int, today: date, warmup: int = 3,
                 answers.add(len(responses) - 1)
         server_cpu = (cpu_seconds(server_pid) - cpu_before) * 1000 / queries if server_pid \
             else None
+        client_cpu = (time.process_time() - client_before) * 1000 / queries
     finally:
         assoc.release()
     times.sort()
     return {"queries": len(times), "answers": sorted(answers), "server_cpu_ms": server_cpu,
+            "client_cpu_ms": client_cpu,
+            "last_answers": [ds.to_json_dict() for _, ds in responses[:-1]],
             "p50_ms": statistics.median(times),
             "p99_ms": times[min(len(times) - 1, round(0.99 * (len(times) - 1)))],
             "mean_ms": statistics.fmean(times)}
@@ -330,9 +335,16 @@ def run(tiers: list[int], queries: int, wlm_queries_large: int, workdir: Path,
                         server_pid=server.pid)
                     print(f"   dicomgate {scenario}: p50 {ours['p50_ms']:.1f} ms, p99 "
                           f"{ours['p99_ms']:.1f} ms, {ours['answers']} answers, server CPU "
-                          f"{ours['server_cpu_ms']:.1f} ms/query", flush=True)
+                          f"{ours['server_cpu_ms']:.1f} ms/query, client CPU "
+                          f"{ours['client_cpu_ms']:.1f} ms/query", flush=True)
             finally:
                 stop(server)
+            for scenario, patient in SCENARIOS.items():
+                row[f"floor-{scenario}"] = floor = measure_floor(
+                    tier_dir, row[f"dicomgate-{scenario}"].pop("last_answers"), queries,
+                    today, patient)
+                print(f"   pynetdicom floor {scenario}: p50 {floor['p50_ms']:.1f} ms, server "
+                      f"CPU {floor['server_cpu_ms']:.1f} ms/query", flush=True)
         if "wlmscpfs" not in only:
             continue
         started = time.perf_counter()
@@ -347,6 +359,7 @@ def run(tiers: list[int], queries: int, wlm_queries_large: int, workdir: Path,
                 row[f"wlmscpfs-{scenario}"] = theirs = measure(
                     port, WLM_AE, wlm_queries_large if count >= 100_000 else queries, today,
                     warmup=1, patient_id=patient)
+                theirs.pop("last_answers")
                 print(f"   wlmscpfs {scenario}: p50 {theirs['p50_ms']:.1f} ms, p99 "
                       f"{theirs['p99_ms']:.1f} ms, {theirs['answers']} answers", flush=True)
         finally:
@@ -354,20 +367,41 @@ def run(tiers: list[int], queries: int, wlm_queries_large: int, workdir: Path,
     return rows
 
 
+def measure_floor(tier_dir: Path, answers: list[dict], queries: int, today: date,
+                  patient: str) -> dict:
+    """The same query against an SCP that only yields dicomgate's answers (_mwl_floor.py)."""
+    path = tier_dir / "floor-answers.json"
+    path.write_text(json.dumps(answers), encoding="utf-8")
+    port = free_port()
+    server = spawn([sys.executable, str(HERE / "_mwl_floor.py"), str(port), str(path)],
+                   tier_dir / "floor.log")
+    try:
+        wait_port(port, server)
+        result = measure(port, "DICOMGATE", queries, today, patient_id=patient,
+                         server_pid=server.pid)
+    finally:
+        stop(server)
+    result.pop("last_answers")
+    return result
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| query | items | answers | dicomgate p50 | dicomgate p99 | dicomgate CPU/query "
-             "| wlmscpfs p50 | wlmscpfs p99 | wlmscpfs / dicomgate (p50) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| client CPU/query | pynetdicom floor p50 | wlmscpfs p50 | wlmscpfs p99 "
+             "| wlmscpfs / dicomgate (p50) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     missing = {"p50_ms": float("nan"), "p99_ms": float("nan"), "answers": [],
-               "server_cpu_ms": float("nan")}
+               "server_cpu_ms": float("nan"), "client_cpu_ms": float("nan")}
     for scenario in SCENARIOS:
         for row in rows:
             ours = row.get(f"dicomgate-{scenario}", missing)
             theirs = row.get(f"wlmscpfs-{scenario}", missing)
+            floor = row.get(f"floor-{scenario}", missing)
             answers = "/".join(str(a) for a in ours["answers"] or theirs["answers"])
             lines.append(
                 f"| {scenario} | {row['items']:,} | {answers} | {ours['p50_ms']:.1f} ms "
                 f"| {ours['p99_ms']:.1f} ms | {ours['server_cpu_ms'] or float('nan'):.1f} ms "
+                f"| {ours['client_cpu_ms']:.1f} ms | {floor['p50_ms']:.1f} ms "
                 f"| {theirs['p50_ms']:.1f} ms | {theirs['p99_ms']:.1f} ms "
                 f"| {theirs['p50_ms'] / ours['p50_ms']:.1f}x |")
     return "\n".join(lines)
