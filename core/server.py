@@ -105,7 +105,8 @@ class Server:
                 log.warning("removing %s, left by a transfer cut off before a restart",
                             leftover)
                 leftover.unlink(missing_ok=True)
-        tuning.spool_received_datasets(folder)
+        # With durable, each file is flushed before the answer: start early
+        tuning.spool_received_datasets(folder, write_back=self.gateway.config.gateway.durable)
 
     def start(self) -> tuple[str, int]:
         self._prepare_spool()

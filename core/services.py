@@ -154,6 +154,18 @@ class Request:
         except (AttributeError, TypeError):
             return None
 
+    @property
+    def dataset_digest(self) -> tuple[int, str] | None:
+        """With :attr:`dataset_path`: (size in bytes, SHA-256 as 64 hex digits) of that
+        file as the server wrote it, computed while the data arrived; ``None`` when not
+        known (no spool file, or it is no longer the server's)."""
+        path = self.dataset_path
+        if path is None:
+            return None
+        from dicomgate.tuning import received_digest
+
+        return received_digest(path)
+
     def is_cancelled(self) -> bool:
         """True once the peer sent C-CANCEL for this C-FIND, C-GET or C-MOVE."""
         return bool(self.event.is_cancelled)

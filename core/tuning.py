@@ -43,7 +43,8 @@ What it touches, per association (all instance attributes):
 ``assoc._run_reactor``, ``assoc.kill``, ``assoc._reactor_checkpoint``,
 ``assoc.dimse.msg_queue``, ``assoc.dul.to_provider_queue``, ``assoc.dul.to_user_queue``,
 ``assoc.dul.run``, ``assoc.dul.run_reactor``, ``assoc.dul.stop_dul``,
-``assoc.dul.kill_dul``, plus its own ``assoc._dicomgate_tuning``. The replacement loops
+``assoc.dul.kill_dul``, ``assoc.dul.socket.recv`` (reads a PDU in large blocks
+instead of 4 KiB ones), plus its own ``assoc._dicomgate_tuning``. The replacement loops
 use what the originals used: ``assoc.dul.socket.socket`` / ``._is_connected``,
 ``assoc.dul.event_queue``, ``assoc.dul.artim_timer``, ``assoc.dul._idle_timer``,
 ``assoc.dul._kill_thread``, ``assoc._dul_ready``, ``assoc._is_paused`` and
@@ -71,12 +72,16 @@ associations a process can hold before pynetdicom hits that limit (about 1000 ->
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
 import queue
 import re
+import secrets
 import select
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -527,6 +532,37 @@ def _assoc_reactor(self: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Reading from the socket
+
+#: Most bytes :func:`_make_recv`'s ``recv`` asks the socket for at once.
+RECV_BLOCK = 1 << 20
+
+
+def _make_recv(transport: Any) -> Callable[[int], bytearray]:
+    """``AssociationSocket.recv`` for one association, reading in large blocks.
+
+    pynetdicom's reads a PDU 4 KiB at a time: 64 system calls (and as many releases
+    and re-acquisitions of the GIL) for one 256 KiB P-DATA-TF. This one asks for what
+    is still missing, up to :data:`RECV_BLOCK`, so it takes what the socket holds at
+    once. The result grows with the bytes that arrived, never with the length the
+    peer announced, and, as in the original, a closed connection returns what was
+    read so far and socket errors are raised to the caller."""
+
+    def recv(nr_bytes: int) -> bytearray:
+        sock = transport.socket
+        stream = bytearray()
+        while len(stream) < nr_bytes:
+            block = sock.recv(min(nr_bytes - len(stream), RECV_BLOCK))
+            if not block:
+                break
+            stream += block
+        return stream
+
+    recv.__wrapped__ = transport.recv  # type: ignore[attr-defined]
+    return recv
+
+
+# --------------------------------------------------------------------------------------
 # Public API
 
 
@@ -594,6 +630,10 @@ def speed_up(assoc: Any) -> None:
     dul.stop_dul = _make_stop_dul(dul, dul.stop_dul, state)
     dul.kill_dul = _wrap_waking(dul.kill_dul, wake_dul)
 
+    # Reading PDUs: in blocks as large as the socket has, not 4 KiB at a time
+    if dul.socket is not None:
+        dul.socket.recv = _make_recv(dul.socket)
+
     # Association thread: run_reactor() looks _run_reactor up on the instance each time
     assoc._run_reactor = types.MethodType(_assoc_reactor, assoc)
     assoc.kill = _wrap_waking(assoc.kill, wake_assoc)
@@ -604,31 +644,150 @@ def speed_up(assoc: Any) -> None:
 
 #: Name prefix of the files pynetdicom streams received data sets into.
 SPOOL_PREFIX = "incoming-"
+#: Permissions of a spool file (those of ``tempfile.mkstemp``, which made them before).
+SPOOL_MODE = 0o600
 _stock_temporary_file = tempfile.NamedTemporaryFile
 _spooling: dict[Any, str] = {}  # association -> the spool file it is writing or wrote last
 _spooling_lock = threading.Lock()
+# Spool files being written or not yet closed, by name: their SHA-256 so far
+_spool_files: weakref.WeakValueDictionary[str, _SpoolFile] = weakref.WeakValueDictionary()
+_spool_names = itertools.count()
+_spool_tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+# What pynetdicom's dimse_messages used before spool_received_datasets() changed them
+_stock_file_meta: dict[str, Any] = {}
 
 
-def spool_received_datasets(folder: Path | None) -> None:
+#: Written bytes of a spool file are handed to the disk in the background once at
+#: least this many are waiting (``write_back``).
+WRITE_BACK_FROM = 64 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux's ``sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE)``: start
+    writing a range of a file to disk without waiting for it; None elsewhere."""
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux/glibc
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+
+    def start_write_back(fd: int, offset: int, count: int) -> None:
+        function(fd, offset, count, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
+
+    return start_write_back
+
+
+_start_write_back = _load_sync_file_range()
+
+
+class _SpoolFile:
+    """The file pynetdicom streams one received data set into.
+
+    It offers what pynetdicom uses of a ``NamedTemporaryFile``: ``name``, ``write``,
+    ``file.flush()`` and ``close``; and it hashes (SHA-256) and counts every byte as
+    it is written, so that :func:`received_digest` knows the file's digest once the
+    last fragment is in, without reading the file again. Writes go through one
+    ``BufferedWriter``: the small ones (preamble, file meta) are gathered, the large
+    ones (each PDV's fragment) are written straight through.
+    """
+
+    def __init__(self, folder: Path, write_back: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        while True:
+            name = os.path.join(folder, f"{SPOOL_PREFIX}{_spool_tag}-{next(_spool_names)}.dcm")
+            try:
+                fd = os.open(name, flags, SPOOL_MODE)
+                break
+            except FileExistsError:  # left by an earlier process with the same pid
+                continue
+        self.name = name
+        self._out = open(fd, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._write_back = write_back and _start_write_back is not None
+        self._handed_to_disk = 0  # bytes already given to start_write_back
+
+    @property
+    def file(self) -> _SpoolFile:  # pynetdicom flushes ``spool.file``
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self._out.closed
+
+    def write(self, data: Any) -> int:
+        written = self._out.write(data)
+        self._hash.update(data)
+        self.size += written
+        return written
+
+    def flush(self) -> None:
+        self._out.flush()
+        # pynetdicom flushes after every fragment: while the next one arrives, the
+        # disk can already be writing this one, and the fdatasync that the store
+        # makes before it answers has less left to wait for.
+        if self._write_back and self.size - self._handed_to_disk >= WRITE_BACK_FROM:
+            _start_write_back(self._out.fileno(), self._handed_to_disk,  # type: ignore[misc]
+                              self.size - self._handed_to_disk)
+            self._handed_to_disk = self.size
+
+    def close(self) -> None:
+        self._out.close()
+
+    def digest(self) -> tuple[int, str]:
+        """(size, SHA-256 as hex) of everything written so far."""
+        return self.size, self._hash.hexdigest()
+
+
+def received_digest(path: str | os.PathLike[str]) -> tuple[int, str] | None:
+    """(size, SHA-256 hex digest) of the spool file ``path`` as pynetdicom wrote it,
+    or None when ``path`` is not a spool file this process is still holding.
+
+    Call it from the C-STORE handler: by then the whole data set is in the file."""
+    spool = _spool_files.get(os.fspath(path))
+    if spool is None or spool.closed:
+        return None
+    spool.flush()
+    return spool.digest()
+
+
+def spool_received_datasets(folder: Path | None, write_back: bool = False) -> None:
     """Make pynetdicom stream every received C-STORE data set into a file in ``folder``
     (on the filesystem where it will be kept, so that it can be renamed into place),
     or back into memory when ``folder`` is None.
 
     pynetdicom has this mode (``_config.STORE_RECV_CHUNKED_DATASET``) but creates the
     files in the system's temporary folder; the module's ``NamedTemporaryFile`` is
-    replaced by one that writes into ``folder`` and remembers, per association, the
-    file being written, so that :func:`discard_partial_dataset` can remove what an
-    abort left behind. Both settings are process-wide: one gateway per process.
+    replaced by one that writes a :class:`_SpoolFile` into ``folder`` and remembers,
+    per association, the file being written, so that :func:`discard_partial_dataset`
+    can remove what an abort left behind. The file meta group pynetdicom writes first
+    is encoded by :func:`encode_file_meta` (the same bytes as pydicom's encoding of
+    pynetdicom's ``create_file_meta``, at a fraction of the cost). With ``write_back``
+    (for a server that flushes each file before it answers) the disk is asked to
+    start writing each fragment as soon as it is in the file (Linux only). These
+    settings are process-wide: one gateway per process.
     """
     from pynetdicom import _config, dimse_messages
+
+    if not _stock_file_meta:
+        _stock_file_meta.update(
+            create_file_meta=dimse_messages.create_file_meta,
+            write_file_meta_info=dimse_messages.write_file_meta_info)
 
     if folder is None:
         _config.STORE_RECV_CHUNKED_DATASET = False
         dimse_messages.NamedTemporaryFile = _stock_temporary_file
+        dimse_messages.create_file_meta = _stock_file_meta["create_file_meta"]
+        dimse_messages.write_file_meta_info = _stock_file_meta["write_file_meta_info"]
         return
 
     def spool_file(*args: Any, **kwargs: Any) -> Any:
-        handle = _stock_temporary_file(*args, dir=folder, prefix=SPOOL_PREFIX, **kwargs)
+        handle = _SpoolFile(folder, write_back)
+        _spool_files[handle.name] = handle
         # Data sets are decoded in the association's DUL thread, which knows its
         # association.
         owner = getattr(threading.current_thread(), "assoc", None)
@@ -639,6 +798,65 @@ def spool_received_datasets(folder: Path | None) -> None:
 
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = spool_file
+    dimse_messages.create_file_meta = _file_meta
+    dimse_messages.write_file_meta_info = _write_file_meta
+
+
+class _FileMeta(tuple):
+    """What pynetdicom's ``create_file_meta`` was asked for, encoded when written."""
+
+
+def _file_meta(*, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any,
+               **kwargs: Any) -> Any:
+    if kwargs:  # pynetdicom asked for something this encoder does not write
+        return _stock_file_meta["create_file_meta"](
+            sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+            transfer_syntax=transfer_syntax, **kwargs)
+    return _FileMeta((str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax)))
+
+
+def _write_file_meta(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
+    if isinstance(file_meta, _FileMeta) and not args and not kwargs:
+        fp.write(encode_file_meta(*file_meta)[_PREAMBLE_LENGTH:])
+        return
+    _stock_file_meta["write_file_meta_info"](fp, file_meta, *args, **kwargs)
+
+
+_PREAMBLE_LENGTH = 132
+_PREAMBLE = b"\0" * 128 + b"DICM"
+
+
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def encode_file_meta(sop_class: str, sop_instance: str, transfer_syntax: str,
+                     source_ae: str = "") -> bytes:
+    """Preamble (zeros), ``DICM`` and the file meta group (Explicit VR Little Endian)
+    of a received data set: version 00 01, the SOP Class and Instance UIDs, the
+    transfer syntax, pynetdicom's implementation UID and version name, and Source
+    Application Entity Title when ``source_ae`` is given.
+
+    Without ``source_ae`` the bytes are those pydicom's ``write_file_meta_info`` writes
+    for pynetdicom's ``create_file_meta`` of the same UIDs (a test checks it)."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    body = b"".join([
+        _meta_element(0x0001, b"OB", b"\x00\x01", b"\0"),
+        _meta_element(0x0002, b"UI", sop_class.encode("ascii", "replace"), b"\0"),
+        _meta_element(0x0003, b"UI", sop_instance.encode("ascii", "replace"), b"\0"),
+        _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii", "replace"), b"\0"),
+        _meta_element(0x0012, b"UI", str(PYNETDICOM_IMPLEMENTATION_UID).encode(), b"\0"),
+        _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode()[:16], b" "),
+        *([_meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16], b" ")]
+          if source_ae else []),
+    ])
+    length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return _PREAMBLE + length + body
 
 
 def discard_partial_dataset(assoc: Any) -> None:
@@ -717,6 +935,10 @@ def check_compatible() -> None:
         ["run_reactor", "_run_reactor", "_serve_request", "kill", "abort", "release"],
     )
     need_callable(DIMSEServiceProvider, "DIMSEServiceProvider", ["get_msg"])
+    need_callable(transport.AssociationSocket, "AssociationSocket", ["recv"])
+    # The fast recv is found on the instance: the DUL must read through socket.recv()
+    if "recv" not in _code_names(getattr(DULServiceProvider, "_read_pdu_data", None)):
+        problems.append("DULServiceProvider._read_pdu_data() no longer calls socket.recv()")
     need_callable(pyn_utils, "pynetdicom.utils", ["make_target"])
     for name in ("EVT_CONN_OPEN", "EVT_RELEASED", "EVT_ABORTED"):
         if not hasattr(evt, name):
@@ -789,6 +1011,25 @@ def check_compatible() -> None:
         problems.append("pynetdicom._config.STORE_RECV_CHUNKED_DATASET is missing")
     if getattr(dimse_messages, "NamedTemporaryFile", None) is None:
         problems.append("pynetdicom.dimse_messages no longer uses NamedTemporaryFile")
+    # The spool file's file meta: decode_msg() must still write it with these two
+    # module-level functions, called as spool_received_datasets() expects
+    decode_names = _code_names(getattr(dimse_messages.DIMSEMessage, "decode_msg", None))
+    for name in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info"):
+        if name not in decode_names:
+            problems.append(f"DIMSEMessage.decode_msg() no longer calls {name}()")
+        elif not callable(getattr(dimse_messages, name, None)):
+            problems.append(f"pynetdicom.dimse_messages.{name} is missing")
+    import inspect
+
+    try:
+        create_parameters = inspect.signature(
+            _stock_file_meta.get("create_file_meta", getattr(dimse_messages, "create_file_meta",
+                                                              None))).parameters
+    except (TypeError, ValueError):
+        create_parameters = {}  # type: ignore[assignment]
+    if not {"sop_class_uid", "sop_instance_uid", "transfer_syntax"} <= set(create_parameters):
+        problems.append("pynetdicom's create_file_meta() no longer takes sop_class_uid, "
+                        "sop_instance_uid and transfer_syntax")
 
     # AssociationSocket.__init__ sets _is_connected; check it without a real connection
     init_names = _code_names(getattr(transport.AssociationSocket, "__init__", None))

@@ -3,6 +3,7 @@ and a transfer cut off midway leaves nothing behind."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import struct
 import threading
@@ -15,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
 
 from conftest import wait_until
-from dicomgate import Dimse, Service, hookimpl
+from dicomgate import Dimse, Service, hookimpl, tuning
 
 
 def image(rows: int, columns: int, frames: int = 1) -> Dataset:
@@ -39,6 +40,7 @@ class Spooling:
     def __init__(self, folder: Path):
         self.folder = folder
         self.received: list[tuple[Path, bytes]] = []
+        self.digests: list[tuple[int, str] | None] = []
 
     @hookimpl
     def register_services(self, register):
@@ -48,6 +50,7 @@ class Spooling:
     def store(self, request):
         path = request.dataset_path
         self.received.append((path, path.read_bytes()))
+        self.digests.append(request.dataset_digest)
         return 0x0000
 
 
@@ -109,3 +112,66 @@ def test_leftovers_from_before_a_restart_are_swept_at_start(dicomgate_start, tmp
     (spool / "not-ours.txt").write_text("kept")
     dicomgate_start(extra_plugins={"spooling": Spooling(spool)})
     assert sorted(p.name for p in spool.iterdir()) == ["not-ours.txt"]
+
+
+def test_the_handler_gets_the_digest_computed_while_the_data_arrived(dicomgate_start,
+                                                                      tmp_path):
+    spooling = Spooling(tmp_path / "spool")
+    running = dicomgate_start(extra_plugins={"spooling": spooling})
+    assoc = store_association(running.port)
+    try:
+        # one small data set, and one spread over several PDUs and fragments
+        for sent in (image(8, 8), image(512, 512, 3)):
+            assert assoc.send_c_store(sent).Status == 0x0000
+    finally:
+        assoc.release()
+    assert len(spooling.received) == 2
+    for (path, data), digest in zip(spooling.received, spooling.digests):
+        assert digest == (len(data), hashlib.sha256(data).hexdigest())
+    # once pynetdicom closed the file, the server no longer vouches for it
+    assert tuning.received_digest(spooling.received[0][0]) is None
+
+
+def test_the_spool_file_meta_is_what_pydicom_writes_for_pynetdicom():
+    """The fast file meta encoder writes pydicom's bytes for pynetdicom's file meta."""
+    from io import BytesIO
+
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID, ImplicitVRLittleEndian, JPEG2000Lossless
+    from pynetdicom.dsutils import create_file_meta
+
+    for sop_class, sop_instance, syntax in [
+            (SecondaryCaptureImageStorage, "1.2.3", ExplicitVRLittleEndian),  # odd
+            ("1.2.840.10008.5.1.4.1.1.2", "1.2.34", ImplicitVRLittleEndian),  # even
+            ("1.2.840.10008.5.1.4.1.1.2", generate_uid(), JPEG2000Lossless)]:
+        expected = BytesIO()
+        write_file_meta_info(expected, create_file_meta(
+            sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
+            transfer_syntax=UID(syntax)))
+        encoded = tuning.encode_file_meta(sop_class, sop_instance, syntax)
+        assert encoded[:132] == b"\0" * 128 + b"DICM"
+        assert encoded[132:] == expected.getvalue()
+
+
+def test_spool_files_start_write_back_of_each_fragment(tmp_path, monkeypatch):
+    ranges = []
+    monkeypatch.setattr(tuning, "_start_write_back",
+                        lambda fd, offset, count: ranges.append((offset, count)))
+    spool = tuning._SpoolFile(tmp_path, write_back=True)
+    spool.write(b"\0" * 132)
+    spool.flush()  # too little to bother the disk with
+    spool.write(b"a" * 100_000)
+    spool.file.flush()
+    spool.write(b"b" * 70_000)
+    spool.flush()
+    spool.close()
+    assert ranges == [(0, 100_132), (100_132, 70_000)]
+    quiet = tuning._SpoolFile(tmp_path)  # without write_back: never
+    quiet.write(b"c" * 100_000)
+    quiet.flush()
+    quiet.close()
+    assert len(ranges) == 2
+    assert Path(quiet.name).read_bytes() == b"c" * 100_000
+    assert quiet.digest() == (100_000, hashlib.sha256(b"c" * 100_000).hexdigest())
+    assert Path(spool.name).name.startswith(tuning.SPOOL_PREFIX)
+    assert oct(Path(spool.name).stat().st_mode & 0o777) == oct(tuning.SPOOL_MODE)

@@ -1075,3 +1075,25 @@ def test_large_deflated_data_set_is_inflated_in_blocks(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(Malformed):
         inspect_file(path, scratch_dir=str(tmp_path))
+
+
+def test_a_known_digest_spares_hashing_and_a_wrong_size_is_not_trusted(tmp_path):
+    from dicomgate.plugins.storage.store import inspect_file, inspect_open
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID = "DIGEST"
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    path = tmp_path / "a.dcm"
+    path.write_bytes(encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID,
+                                      ExplicitVRLittleEndian) + body.getvalue())
+    real = inspect_file(path)
+    assert real.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as fh:
+        trusted = inspect_open(fh, digest=(real.size, "f" * 64))
+    assert trusted.sha256 == "f" * 64 and trusted.header == real.header
+    with open(path, "rb") as fh:
+        assert inspect_open(fh, digest=(real.size + 1, "f" * 64)).sha256 == real.sha256

@@ -435,3 +435,51 @@ def test_a_wake_up_that_overlaps_a_drain_is_never_lost():
     readable = bool(select.select([waker.fileno()], [], [], 0)[0])
     assert readable or not waker._pending, "a wake-up was swallowed: the reactor would stall"
     waker.close()
+
+
+class _Transport:
+    def __init__(self, sock):
+        self.socket = sock
+
+    def recv(self, nr_bytes):  # pragma: no cover - replaced
+        raise AssertionError
+
+
+def test_fast_recv_reads_whole_pdus_and_stops_at_a_closed_connection():
+    ours, theirs = socket.socketpair()
+    try:
+        recv = tuning._make_recv(_Transport(ours))
+        payload = os.urandom(3 * tuning.RECV_BLOCK + 12345)
+        sender = threading.Thread(target=theirs.sendall, args=(payload,))
+        sender.start()
+        assert recv(6) == payload[:6]
+        assert recv(len(payload) - 6) == payload[6:]
+        sender.join()
+        theirs.sendall(b"abc")
+        theirs.close()
+        assert recv(10) == bytearray(b"abc")  # what arrived before the close
+        assert recv(4) == bytearray()
+    finally:
+        ours.close()
+
+
+def test_speed_up_reads_the_socket_through_the_fast_recv(make_scp, associate):
+    scp = make_scp()
+    assoc = associate(scp.port)
+    large = small_ct()
+    large.Rows = large.Columns = 512
+    large.PixelData = os.urandom(512 * 512 * 2)  # several PDUs, each read in blocks
+    assert assoc.send_c_store(large).Status == 0x0000
+    assert assoc.send_c_echo().Status == 0x0000
+    assert scp.stored == 1
+    server_side = scp.associations[0]
+    assert getattr(server_side.dul.socket.recv, "__wrapped__", None) is not None
+
+
+def test_check_compatible_names_a_changed_spool_file_meta(monkeypatch):
+    from pynetdicom import dimse_messages
+
+    monkeypatch.setattr(tuning, "_stock_file_meta", {})
+    monkeypatch.setattr(dimse_messages, "create_file_meta", lambda *, uids: None)
+    with pytest.raises(RuntimeError, match="create_file_meta"):
+        tuning.check_compatible()

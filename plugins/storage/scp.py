@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import struct
 from typing import Any
 
 from pydicom import uid as uids
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicomgate import AssociationInfo, Request
+from dicomgate.tuning import encode_file_meta  # noqa: F401 - also this module's API
 from dicomgate.plugins.storage.store import SUCCESS, Origin, Rejected, store_for
 
 log = logging.getLogger("dicomgate.storage")
@@ -52,34 +51,6 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     uids.HEVCM10P51,
 )
 
-_PREAMBLE = b"\0" * 128 + b"DICM"
-
-
-def _element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
-    if len(value) % 2:
-        value += pad
-    if vr == b"OB":
-        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
-
-
-def encode_file_meta(sop_class: str, sop_instance: str, transfer_syntax: str,
-                     source_ae: str = "") -> bytes:
-    """Preamble (zeros), ``DICM`` and the file meta group for a received data set."""
-    body = b"".join([
-        _element(0x0001, b"OB", b"\x00\x01", b"\0"),
-        _element(0x0002, b"UI", sop_class.encode("ascii", "replace"), b"\0"),
-        _element(0x0003, b"UI", sop_instance.encode("ascii", "replace"), b"\0"),
-        _element(0x0010, b"UI", transfer_syntax.encode("ascii", "replace"), b"\0"),
-        _element(0x0012, b"UI", str(PYNETDICOM_IMPLEMENTATION_UID).encode(), b"\0"),
-        _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode()[:16], b" "),
-        *([_element(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16], b" ")]
-          if source_ae else []),
-    ])
-    length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
-    return _PREAMBLE + length + body
-
-
 def handle_store(request: Request) -> Any:
     """Store one C-STORE request's data set; answer success once file and rows are
     durable, or a failure status the sender can act on."""
@@ -93,7 +64,10 @@ def handle_store(request: Request) -> Any:
     try:
         source = request.dataset_path
         synced = False
-        if source is not None and not store.on_store_filesystem(source):
+        digest = None
+        if source is not None and store.on_store_filesystem(source):
+            digest = request.dataset_digest  # hashed while it arrived
+        elif source is not None:
             # streamed elsewhere than the store's spool folder: copy, then link
             source = store.copy_in(source)
             synced = True
@@ -106,7 +80,7 @@ def handle_store(request: Request) -> Any:
         outcome = store.ingest(
             source, origin=Origin(association.calling_ae, association.address),
             expected_class=sop_class, expected_instance=sop_instance, synced=synced,
-            consume=True, session=session)
+            consume=True, session=session, digest=digest)
     except Rejected as rejected:
         session.refused += 1
         log.warning("%s: C-STORE of %s refused with 0x%04X: %s", association.describe(),

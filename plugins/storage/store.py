@@ -271,11 +271,23 @@ def inspect_file(path: Path, fsync: bool = False, scratch_dir: str | None = None
     return info
 
 
-def inspect_open(fh: Any, scratch_dir: str | None = None) -> FileInfo:
-    """:func:`inspect_file` of an open file (read from its start)."""
+def inspect_open(fh: Any, scratch_dir: str | None = None,
+                 digest: tuple[int, str] | None = None) -> FileInfo:
+    """:func:`inspect_file` of an open file (read from its start).
+
+    ``digest``: the file's (size, SHA-256 hex) when already known (computed as it was
+    written); then the file is not hashed again and only its header is read (large
+    values skipped with seeks). It is ignored unless the size is the file's."""
     size = os.fstat(fh.fileno()).st_size
     if size < 132:
         raise Malformed("not a DICOM Part 10 file (too short)")
+    if digest is not None and digest[0] == size:
+        fh.seek(0)
+        if size <= READ_WHOLE_BELOW:  # one read: parsing from memory is quicker
+            meta, header = read_file(io.BytesIO(fh.read()), size, scratch_dir)
+        else:
+            meta, header = read_file(fh, size, scratch_dir)
+        return FileInfo(size=size, sha256=digest[1], meta=meta, header=header)
     if size <= READ_WHOLE_BELOW:
         data = fh.read()
         size = len(data)
@@ -515,30 +527,33 @@ class Store:
     def ingest(self, source: Path, *, origin: Origin = Origin(),
                expected_class: str | None = None, expected_instance: str | None = None,
                synced: bool = False, consume: bool = True,
-               session: Session | None = None, duplicates: str | None = None) -> Outcome:
+               session: Session | None = None, duplicates: str | None = None,
+               digest: tuple[int, str] | None = None) -> Outcome:
         """Store and index the Part 10 file ``source`` (inside the storage root).
 
         ``expected_*`` are the request's UIDs, which the data set must carry. With
         ``consume`` the source is gone afterwards whatever happened; without it, it
         is left where it was (and, when stored, also linked into the store).
         ``synced``: the source's data is already flushed to disk. ``duplicates``
-        overrides the configured duplicate policy. Raises :class:`Rejected` with the
-        status to answer.
+        overrides the configured duplicate policy. ``digest``: the source's (size,
+        SHA-256 hex) when known already (hashed as it was received), so that it is not
+        read whole again. Raises :class:`Rejected` with the status to answer.
         """
         try:
             with open(source, "rb") as fh:
                 return self._ingest(source, fh, origin, expected_class, expected_instance,
                                     synced, consume, session,
-                                    duplicates or self.settings.duplicates)
+                                    duplicates or self.settings.duplicates, digest)
         finally:
             if consume:
                 _unlink(source)
 
     def _ingest(self, source: Path, fh: Any, origin: Origin, expected_class: str | None,
                 expected_instance: str | None, synced: bool, consume: bool,
-                session: Session | None, policy: str) -> Outcome:
+                session: Session | None, policy: str,
+                digest: tuple[int, str] | None = None) -> Outcome:
         try:
-            info = inspect_open(fh, self._tmp_text)
+            info = inspect_open(fh, self._tmp_text, digest)
         except Malformed as exc:
             raise Rejected(CANNOT_UNDERSTAND, f"not a complete DICOM data set: {exc}") from None
         header = info.header
