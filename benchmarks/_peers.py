@@ -631,6 +631,42 @@ class Dicomgate(Receiver):
             "C-STORE is answered.")
 
 
+class PynetdicomNoop(Receiver):
+    """``_noop_store.py``: dicomgate's network stack with a handler that keeps nothing,
+    the ceiling of what any work on top of pynetdicom can reach."""
+
+    name = "pynetdicom-noop"
+    label = "pynetdicom no-op"
+    ae_title = "NOOP"
+
+    @property
+    def count_file(self) -> Path:
+        return self.workdir / "stored.txt"
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("_noop_store.py")), self.ae_title,
+                str(self.port), str(self.workdir / "spool"), str(self.count_file)]
+
+    def stored_count(self) -> int | None:
+        return None
+
+    def stored_count_after_stop(self) -> int | None:
+        try:
+            return int(self.count_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def max_pdu(self) -> str:
+        return "262144"
+
+    def durability(self) -> Durability:
+        return Durability(
+            "keeps nothing",
+            "pynetdicom with dicomgate's reactor tuning streams each data set to a spool "
+            "file, and the handler deletes it and answers success: the ceiling of what "
+            "work on top of pynetdicom can reach, not a receiver.")
+
+
 def instance_tables(db_path: Path) -> list[tuple[str, int]]:
     """(table, row count) of each table of dicomgate's index that looks like it holds
     one row per stored instance: a name with "instance" and a SOP Instance UID column."""

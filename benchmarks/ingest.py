@@ -31,18 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _peers  # noqa: E402
 from _peers import (  # noqa: E402
-    Dicomgate, Orthanc, Receiver, SendResult, Storescp, ChildPeakSampler,
+    Dicomgate, Orthanc, PynetdicomNoop, Receiver, SendResult, Storescp, ChildPeakSampler,
 )
 
 HERE = Path(__file__).resolve().parent
 #: Receivers of a run without --receivers.
-RECEIVERS = ("storescp", "orthanc", "dicomgate", "dicomgate-nofsync")
+RECEIVERS = ("storescp", "orthanc", "pynetdicom-noop", "dicomgate", "dicomgate-nofsync")
 #: Every receiver, in table order: dicomgate-export only with --export or --receivers
 #: (it waits for its pictures after each send, which makes a full run longer).
-ALL_RECEIVERS = ("storescp", "orthanc", "dicomgate", "dicomgate-nofsync", "dicomgate-export")
+ALL_RECEIVERS = ("storescp", "orthanc", "pynetdicom-noop", "dicomgate", "dicomgate-nofsync",
+                 "dicomgate-export")
 EXPORT = "dicomgate-export"
 PEERS = ("storescp", "orthanc")
 LABELS = {"storescp": "DCMTK storescp", "orthanc": "Orthanc",
+          "pynetdicom-noop": "pynetdicom no-op",
           "dicomgate": "dicomgate (fsync)", "dicomgate-nofsync": "dicomgate (no fsync)",
           EXPORT: "dicomgate (export)"}
 
@@ -143,6 +145,8 @@ def make_receiver(name: str, workdir: Path, args, strace_out: Path | None = None
                         bit_preserving=not args.storescp_normal, **common)
     if name == "orthanc":
         return Orthanc(workdir, pdu=args.peer_max_pdu, **common)
+    if name == "pynetdicom-noop":
+        return PynetdicomNoop(workdir, **common)
     if name == "dicomgate":
         return Dicomgate(workdir, durable=True, max_pdu=args.dicomgate_max_pdu, **common)
     if name == "dicomgate-nofsync":
@@ -660,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         durability = {}
         if args.durability_check:
             names = [n for n in receivers
-                     if not (n.startswith("dicomgate") and missing) and n != EXPORT]
+                     if not (n.startswith("dicomgate") and missing)
+                     and n not in (EXPORT, "pynetdicom-noop")]
             if _peers.STRACE and names and data.small:
                 log("\n== durability: counting fsync calls with strace")
                 durability = durability_check(names, data.small[:20], args, run_root)
