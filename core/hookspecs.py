@@ -151,10 +151,11 @@ def register_renderers(register: Callable[[str, Any], None], gateway: Gateway) -
     recorded with every picture made; a second renderer with the same name is a
     start-up error. ``renderer`` has:
 
-    * ``render(path, options) -> list``: render the DICOM file at ``path`` (a
+    * ``render(path, options) -> Iterable``: render the DICOM file at ``path`` (a
       :class:`pathlib.Path`) with ``options`` (the export plugin's ``RenderOptions``:
       quality, max_size, frames, voi_index, fallback_window, window, caption, font)
-      and return one ``RenderedImage`` per selected frame (``frame``, ``frames``,
+      and return, as a list or a generator (each picture is written as it comes),
+      one ``RenderedImage`` per selected frame (``frame``, ``frames``,
       ``data`` bytes, ``width``, ``height``, ``window``, ``lossy_source``,
       ``media_type``, ``extension``). Raise ``RenderError`` (or any exception) with a
       message for the clinic when the instance cannot be rendered, ``NotAnImage``

@@ -480,3 +480,36 @@ def test_links_under_a_base_url_and_postgresql(dicomgate_start, postgres_databas
         assert len(document["failures"]) == 1
     finally:
         his.stop()
+
+
+class HalfwayRenderer:
+    """Yields one picture, then fails: what a corrupt second frame does."""
+
+    def render(self, path: Path, options: Any):
+        from dicomgate.plugins.jpeg.render import RenderedImage
+
+        yield RenderedImage(frame=1, frames=2, data=b"\xff\xd8 first frame", width=1,
+                            height=1, window=None, lossy_source=False)
+        raise ValueError("frame 2: pixel data cannot be decoded")
+
+
+class HalfwayPlugin:
+    @hookimpl
+    def register_renderers(self, register):
+        register("halfway", HalfwayRenderer())
+
+
+def test_a_renderer_failing_midway_leaves_no_picture_of_that_image(dicomgate_start):
+    gw = dicomgate_start(plugins=["storage", "jpeg"], extra_plugins={"h": HalfwayPlugin()},
+                         settings={"storage": {"reserve_mb": 0},
+                                   "jpeg": {"renderers": ["halfway"], "quiet_seconds": 0.2,
+                                            "poll_interval": 0.2}})
+    study_uid = generate_uid()
+    assert send(gw.port, [ct_image(study_uid, generate_uid(), 1)]) == [0]
+    assert wait_for(lambda: [d for d in documents_of(gw, study_uid) if d.state == "failed"],
+                    seconds=20)
+    with gw.gateway.database.connection_context():
+        assert Picture.select().count() == 0
+        [failure] = list(Failure.select())
+    assert failure.error == "frame 2: pixel data cannot be decoded"
+    assert not [p for p in (gw.data_dir / "jpeg").rglob("*") if p.is_file()]

@@ -13,6 +13,7 @@ study has images. Documented in ``docs/plugins/jpeg.md``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from dicomgate import hookimpl
@@ -23,7 +24,7 @@ from dicomgate.plugins.jpeg.render import (
     RenderedImage,
     RenderError,
     RenderOptions,
-    render_jpeg,
+    iter_jpeg,
 )
 from dicomgate.plugins.jpeg.settings import EXAMPLE, JpegSettings
 from dicomgate.plugins.jpeg.worker import exporter_for
@@ -38,10 +39,11 @@ COMPLETED = "COMPLETED"
 
 
 class JpegRenderer:
-    """The built-in renderer: one JPEG per selected frame (see ``render.py``)."""
+    """The built-in renderer: one JPEG per selected frame (see ``render.py``), made
+    as they are asked for, so that a long cine loop is never in memory at once."""
 
-    def render(self, path: Path, options: RenderOptions) -> list[RenderedImage]:
-        return render_jpeg(path, options)
+    def render(self, path: Path, options: RenderOptions) -> Iterator[RenderedImage]:
+        return iter_jpeg(path, options)
 
 
 @hookimpl

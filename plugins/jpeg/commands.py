@@ -98,23 +98,21 @@ def export_jpeg(config_file: Path | None, study_uid: str | None, series_uid: str
             entry: dict[str, Any] = {"sop_instance_uid": instance.sop_instance_uid,
                                      "series_uid": instance.series_uid, "files": []}
             try:
-                images = renderer.render(Path(instance.absolute_path), options)
+                for image in documents.pictures(renderer, Path(instance.absolute_path),
+                                                options):
+                    name = f"{number:05d}-{image.frame:03d}.jpg"
+                    write_durably(out_dir / name, image.data, durable)
+                    entry["files"].append({"file": name, "frame": image.frame,
+                                           "frames": image.frames, "width": image.width,
+                                           "height": image.height,
+                                           "lossy_source": image.lossy_source})
             except NotAnImage as exc:
                 entry["skipped"] = str(exc) or "not an image"
-                images = []
-            except Exception as exc:
-                entry["error"] = str(exc) or type(exc).__name__
+            except documents.Unrenderable as exc:
+                entry["error"] = str(exc)
                 failed += 1
-                images = []
                 if not as_json:
                     click.echo(f"{instance.sop_instance_uid}: {entry['error']}", err=True)
-            for image in images:
-                name = f"{number:05d}-{image.frame:03d}.jpg"
-                write_durably(out_dir / name, image.data, durable)
-                entry["files"].append({"file": name, "frame": image.frame,
-                                       "frames": image.frames, "width": image.width,
-                                       "height": image.height,
-                                       "lossy_source": image.lossy_source})
             manifest.append(entry)
         write_durably(out_dir / "manifest.json",
                       json.dumps(manifest, ensure_ascii=False, indent=2).encode("utf-8"),

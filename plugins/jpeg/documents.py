@@ -15,7 +15,7 @@ import logging
 import re
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -291,24 +291,61 @@ def build(gateway: Any, document_pk: int, renderers: Mapping[str, Any],
             for name, renderer in renderers.items():
                 if done.get((uid, name)) == instance.sha256:
                     continue
-                try:
-                    images = renderer.render(Path(instance.absolute_path), options)
-                except NotAnImage:
-                    continue
-                except Exception as exc:  # a renderer's failure is the image's, not the job's
-                    failures[(uid, name)] = str(exc) or type(exc).__name__
-                    log.warning("document %s: %s could not render %s: %s", document.uuid, name,
-                                uid, failures[(uid, name)])
-                    continue
-                rendered.add((uid, name))
-                for image in images:
-                    made.append(_write(root, document, instance, name, image, durable))
+                written = _render(document, instance, name, renderer, options, root, durable,
+                                  failures)
+                if written is not None:
+                    rendered.add((uid, name))
+                    made += written
             if utcnow() - renewed > LEASE / 4:
                 renewed = _renew_claim(gateway, document.id)
         return _record(gateway, document, revision, instances, made, rendered, failures)
     except BaseException:
         remove_durably([m.absolute for m in made], durable)
         raise
+
+
+class Unrenderable(Exception):
+    """A renderer failed on one image (its message is the reason)."""
+
+
+def pictures(renderer: Any, path: Path, options: RenderOptions) -> Iterator[Any]:
+    """The renderer's pictures, its failures (but NotAnImage) as Unrenderable; what
+    the caller does with each picture raises as it is."""
+    try:
+        yield from renderer.render(path, options)
+    except NotAnImage:
+        raise
+    except Exception as exc:
+        raise Unrenderable(str(exc) or type(exc).__name__) from exc
+
+
+def _render(document: Document, instance: Any, name: str, renderer: Any,
+            options: RenderOptions, root: Path, durable: bool,
+            failures: dict[tuple[str, str], str]) -> list[Made] | None:
+    """One instance through one renderer, each picture written as it comes (a
+    renderer may yield them one by one: a cine loop of a thousand frames is never
+    in memory at once). None when there is nothing to record: not an image, or a
+    failure of the renderer, which goes into ``failures`` (it is the image's, not the
+    document's). A picture that cannot be written (a full disk) is the document's:
+    it raises."""
+    uid = str(instance.sop_instance_uid)
+    written: list[Made] = []
+    try:
+        for image in pictures(renderer, Path(instance.absolute_path), options):
+            written.append(_write(root, document, instance, name, image, durable))
+        return written
+    except NotAnImage:
+        error = ""
+    except Unrenderable as exc:
+        error = str(exc)
+    except BaseException:
+        remove_durably([m.absolute for m in written], durable)
+        raise
+    remove_durably([m.absolute for m in written], durable)
+    if error:
+        failures[(uid, name)] = error
+        log.warning("document %s: %s could not render %s: %s", document.uuid, name, uid, error)
+    return None
 
 
 def _write(root: Path, document: Document, instance: Any, renderer: str, image: Any,
