@@ -91,18 +91,20 @@ NOT_IMAGES = [name for name in CORPUS if corpus_kind(name) == "not-image"]
 
 # --------------------------------------------------------------------- references
 
-def gdcm_decompress(src: Path, dst: Path) -> Path:
-    """The file decompressed by GDCM itself (its reader and ImageChangeTransferSyntax,
-    not pydicom's plugin) to Explicit VR Little Endian."""
+def gdcm_transcode(src: Path, dst: Path, syntax: str = "ExplicitVRLittleEndian") -> Path:
+    """``src`` rewritten by GDCM itself (its reader and ImageChangeTransferSyntax, not
+    pydicom's plugin) in the transfer syntax GDCM calls ``syntax``: decompressed to
+    Explicit VR Little Endian by default, or compressed (pydicom has no encoder for
+    JPEG lossless, JPEG-LS or JPEG 2000)."""
     import gdcm
 
     reader = gdcm.ImageReader()
     reader.SetFileName(str(src))
     assert reader.Read(), f"GDCM cannot read {src}"
     change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.ExplicitVRLittleEndian))
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
     change.SetInput(reader.GetImage())
-    assert change.Change(), f"GDCM cannot decompress {src}"
+    assert change.Change(), f"GDCM cannot change {src} to {syntax}"
     writer = gdcm.ImageWriter()
     writer.SetFileName(str(dst))
     writer.SetFile(reader.GetFile())
@@ -140,7 +142,7 @@ class Reference:
         if path.name in TWINS:
             return "dcmj2pnm", TEST_FILES / TWINS[path.name]
         if tsyntax in J2K or path.name in VIA_GDCM:
-            return "dcmj2pnm", gdcm_decompress(path, self.workdir / f"gdcm-{path.name}")
+            return "dcmj2pnm", gdcm_transcode(path, self.workdir / f"gdcm-{path.name}")
         if tsyntax in JPEG_LS:
             return "dcml2pnm", path
         return "dcmj2pnm", path
@@ -449,25 +451,6 @@ SYNTHETIC = {"signed-ct": signed_ct, "monochrome1": mono1, "sigmoid": sigmoid,
              "multiframe-j2k": lambda: multiframe(uids.JPEG2000Lossless)}
 
 
-def gdcm_compress(src: Path, dst: Path, syntax: str) -> Path:
-    """``src`` compressed by GDCM (pydicom has no encoder for these syntaxes)."""
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(src))
-    assert reader.Read()
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
-    change.SetInput(reader.GetImage())
-    assert change.Change(), syntax
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(dst))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write()
-    return dst
-
-
 # (GDCM's 12-bit lossy JPEG of 16-bit allocated data is written with a precision of
 # 16, which the standard does not allow: the 12-bit JPEG Extended files of pydicom's
 # set are used instead.)
@@ -478,8 +461,8 @@ GDCM_SYNTAXES = {"JPEGLosslessProcess14": uids.JPEGLossless,
 @pytest.mark.parametrize("case", sorted(SYNTHETIC) + sorted(GDCM_SYNTAXES))
 def test_synthetic_images_agree_with_dcmtk(case: str, tmp_path: Path, reference: Reference):
     if case in GDCM_SYNTAXES:  # JPEG lossless process 14 / SV1, 5 frames
-        path = gdcm_compress(save(multiframe(), tmp_path / "src.dcm"), tmp_path / f"{case}.dcm",
-                             case)
+        path = gdcm_transcode(save(multiframe(), tmp_path / "src.dcm"),
+                              tmp_path / f"{case}.dcm", case)
         assert read(path).file_meta.TransferSyntaxUID == GDCM_SYNTAXES[case]
     else:
         path = save(SYNTHETIC[case](), tmp_path / f"{case}.dcm")
