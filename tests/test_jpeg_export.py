@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -361,6 +362,15 @@ def test_documents_attach_on_request_and_export(dicomgate_start, tmp_path):
     for wrong in (["--study", study_uid, "--series", series_uid], []):
         result = dicomgate_cli(gw, "export", "jpeg", *wrong, "--out", str(out))
         assert result.returncode == 2 and "exactly one" in result.stderr
+    # Retention removes the DICOM files; the document keeps its pictures and stays ready.
+    from dicomgate.plugins.storage import store_for
+
+    assert store_for(gw.gateway).purge(timedelta(microseconds=1)).study_uids == (study_uid,)
+    again = dicomgate_cli(gw, "documents", "attach", "--study", study_uid, "--json")
+    assert again.returncode == 0, again.stderr
+    kept = json.loads(again.stdout)
+    assert kept["state"] == "ready" and len(kept["pictures"]) == 2
+    assert all((gw.data_dir / "jpeg" / p["path"]).is_file() for p in kept["pictures"])
 
 
 def test_the_no_pacs_profile(tmp_path):

@@ -159,6 +159,7 @@ def request(gateway: Any, study_uid: str = "", accession: str = "",
     The study is named by its UID, or by an accession number that a document or an
     order (the ``find_scheduled_steps`` lookup) knows. With ``document_id`` the HIS
     names the document: a study's automatic document without a name takes it.
+    Without one, the study's only document is made again.
     """
     if len(document_id) > 128:
         raise UsageError("a document ID has at most 128 characters")
@@ -166,11 +167,7 @@ def request(gateway: Any, study_uid: str = "", accession: str = "",
         study_uid = study_uid or _study_of_accession(gateway, accession)
         now = utcnow()
         with write_transaction(gateway.database):
-            document = (Document.get_or_none(Document.study_uid == study_uid,
-                                             Document.document_id == document_id)
-                        or (Document.get_or_none(Document.study_uid == study_uid,
-                                                 Document.document_id == "")
-                            if document_id else None))
+            document = _document_for(study_uid, document_id)
             if document is None:
                 document = Document.create(uuid=str(uuid.uuid4()), document_id=document_id,
                                            study_uid=study_uid, accession=accession[:64],
@@ -185,6 +182,17 @@ def request(gateway: Any, study_uid: str = "", accession: str = "",
                                 revision=Document.revision + 1, updated=now).where(
                     Document.id == document.id).execute()
         return Document.get_by_id(document.id)
+
+
+def _document_for(study_uid: str, document_id: str) -> Document | None:
+    """The study's document a request means: the one with the HIS's ID, else the
+    study's unnamed one; without an ID, the study's only document, whatever its name."""
+    of_study = list(Document.select().where(Document.study_uid == study_uid))
+    for wanted in ([document_id, ""] if document_id else [""]):
+        for document in of_study:
+            if document.document_id == wanted:
+                return document
+    return of_study[0] if not document_id and len(of_study) == 1 else None
 
 
 def _study_of_accession(gateway: Any, accession: str) -> str:
@@ -269,6 +277,9 @@ def build(gateway: Any, document_pk: int, renderers: Mapping[str, Any],
     if instances is None:
         return _finish_without_images(gateway, document, "no plugin stores images here "
                                       "(enable the storage plugin)")
+    if not instances and Picture.select().where(Picture.document == document.id).exists():
+        # The DICOM files are gone (retention) but the pictures stay: still ready.
+        return _record(gateway, document, revision, [], [], set(), {})
     if not instances:
         # Reported before any image came: wait for them; their arrival makes it due.
         with write_transaction(gateway.database):
@@ -374,7 +385,7 @@ def _record(gateway: Any, document: Document, revision: int, instances: Sequence
             made: list[Made], rendered: set[tuple[str, str]],
             failures: dict[tuple[str, str], str]) -> Document:
     now = utcnow()
-    first = instances[0]
+    first = instances[0] if instances else None
     replaced: list[Path] = []
     root = pictures_root(gateway)
     with write_transaction(gateway.database):
@@ -413,8 +424,8 @@ def _record(gateway: Any, document: Document, revision: int, instances: Sequence
         failed = Failure.select().where(Failure.document == document.id).count()
         changes: dict[Any, Any] = {
             Document.accession: current.accession or str(getattr(first, "accession", ""))[:64],
-            Document.patient_id: current.patient_id or str(first.patient_id)[:64],
-            Document.patient_name: current.patient_name or str(first.patient_name),
+            Document.patient_id: current.patient_id or str(getattr(first, "patient_id", ""))[:64],
+            Document.patient_name: current.patient_name or str(getattr(first, "patient_name", "")),
             Document.claimed: None, Document.updated: now, Document.built_revision: revision,
             Document.error: _summary(failed, failures) if failed else ""}
         if current.revision != revision:
