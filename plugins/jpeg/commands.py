@@ -14,7 +14,7 @@ from dicomgate.cli import config_option, open_gateway
 from dicomgate.files import write_durably
 from dicomgate.plugins.jpeg import documents
 from dicomgate.plugins.jpeg.models import COLLECTING, READY, RENDERING, STATES
-from dicomgate.plugins.jpeg.render import NotAnImage
+from dicomgate.plugins.jpeg.render import NotAnImage, check_frames
 from dicomgate.plugins.jpeg.settings import parse_window
 from dicomgate.plugins.jpeg.worker import exporter_for
 
@@ -73,9 +73,10 @@ def export_jpeg(config_file: Path | None, study_uid: str | None, series_uid: str
     chosen = [v for v in (study_uid, series_uid, sop_instance_uid) if v]
     if len(chosen) != 1:
         raise UsageError("give exactly one of --study, --series, --instance")
-    if frames is not None and frames not in ("all", "first", "middle") and not (
-            frames.isdigit() and int(frames) >= 1):
-        raise UsageError(f"--frames {frames!r}: expected all, first, middle or a number")
+    try:
+        check_frames(frames or "all")
+    except ValueError as exc:
+        raise UsageError(f"--frames: {exc}") from None
     with open_gateway() as gateway:
         settings = gateway.settings("jpeg")
         changes = {key: value for key, value in (("window", window), ("quality", quality),

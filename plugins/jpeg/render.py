@@ -57,9 +57,14 @@ def _keywords(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _frames(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+def check_frames(value: str) -> None:
+    """ValueError unless ``value`` names frames: all, first, middle or a frame number."""
     if not isinstance(value, str) or not _FRAMES.fullmatch(value):
         raise ValueError(f"frames must be all, first, middle or a frame number, not {value!r}")
+
+
+def _frames(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    check_frames(value)
 
 
 @attrs.frozen

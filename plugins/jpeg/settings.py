@@ -9,11 +9,12 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from dicomgate.plugins.jpeg.render import check_frames
+
 LINKS = "links"
 FILES = "files"
 DELIVERIES = (LINKS, FILES)
 
-_FRAMES = re.compile(r"all|first|middle|[1-9][0-9]{0,5}")
 _WINDOW = re.compile(r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*/\s*([0-9]+(?:\.[0-9]+)?)\s*")
 
 
@@ -33,8 +34,7 @@ def _window(instance: Any, attribute: attrs.Attribute, value: str) -> None:
 
 
 def _frames(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if not _FRAMES.fullmatch(value):
-        raise ValueError(f"frames must be all, first, middle or a frame number, not {value!r}")
+    check_frames(value)
 
 
 def _keywords(value: Any) -> tuple[str, ...]:
