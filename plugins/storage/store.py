@@ -51,6 +51,7 @@ import attrs
 import peewee
 from pydicom.dataset import Dataset
 
+from dicomgate.files import fsync_dir
 from dicomgate.plugins.storage.header import FileMeta, Header, Malformed, read_file, read_meta
 from dicomgate.plugins.storage.models import UID_LENGTH, Instance, Patient, Series, Study
 from dicomgate.plugins.storage.settings import (
@@ -214,14 +215,6 @@ def store_for(gateway: Gateway) -> Store:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_disk_full(exc: OSError) -> bool:
